@@ -1,0 +1,192 @@
+//! The one place where components are wired, started, reloaded and drained.
+//!
+//! Start-up order: bind every listener (a port in use fails before anything
+//! is attached) → load and attach capture → serve → report ready.
+//! SIGHUP re-reads the config file; a file that does not validate is logged
+//! and ignored, and the last good snapshot stays in force.
+//! SIGTERM/SIGINT: report not ready, stop accepting, let open connections
+//! finish up to `proxy.drain_deadline`, close the rest, detach capture, exit 0.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::{error, info, warn};
+
+use crate::capture::{Capture, CaptureError};
+use crate::config::{self, Config};
+use crate::metrics::{self, EbpfCounterSource, Metrics, MetricsError, Readiness};
+use crate::proxy::{self, Destinations, Proxy, ProxyError};
+use crate::state::{Snapshot, State};
+
+/// Errors that stop the agent.
+#[derive(Debug, thiserror::Error)]
+pub enum AppError {
+    #[error(transparent)]
+    Proxy(#[from] ProxyError),
+    #[error(transparent)]
+    Metrics(#[from] MetricsError),
+    #[error("capture: {0}")]
+    Capture(#[from] CaptureError),
+    #[error("cannot install signal handler: {0}")]
+    Signal(#[source] std::io::Error),
+}
+
+#[derive(Debug)]
+struct CaptureCounters(Arc<Capture>);
+
+impl EbpfCounterSource for CaptureCounters {
+    fn read(&self) -> Vec<(&'static str, &'static str, u64)> {
+        match self.0.counters() {
+            Ok(v) => v
+                .into_iter()
+                .map(|(c, n)| (c.program(), c.event(), n))
+                .collect(),
+            Err(e) => {
+                warn!(error = %e, "reading eBPF counters failed");
+                Vec::new()
+            }
+        }
+    }
+}
+
+/// Runs the agent until SIGTERM or SIGINT. `config_path` is re-read on SIGHUP.
+pub async fn run(config: Config, config_path: Option<PathBuf>) -> Result<(), AppError> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut sigterm = signal(SignalKind::terminate()).map_err(AppError::Signal)?;
+    let mut sigint = signal(SignalKind::interrupt()).map_err(AppError::Signal)?;
+    let mut sighup = signal(SignalKind::hangup()).map_err(AppError::Signal)?;
+
+    let metrics = Arc::new(Metrics::new(&config.node_name));
+    let ready = Arc::new(Readiness::default());
+    let state = Arc::new(State::new(Snapshot::new(&config)));
+
+    let outbound = proxy::bind(config.listeners.outbound)?;
+    let metrics_listener = metrics::bind("metrics", config.listeners.metrics).await?;
+    let ready_listener = metrics::bind("readiness", config.listeners.readiness).await?;
+    let outbound_port = outbound
+        .local_addr()
+        .map(|a| a.port())
+        .unwrap_or(config.listeners.outbound.port());
+
+    let capture = if config.capture.enabled {
+        Some(Arc::new(Capture::start(
+            &config.capture,
+            outbound_port,
+            &state.load(),
+        )?))
+    } else {
+        None
+    };
+    let destinations = match &capture {
+        Some(c) => Destinations::Ebpf(c.clone()),
+        None => Destinations::LocalAddress,
+    };
+
+    let admin_stop = CancellationToken::new();
+    tokio::spawn(metrics::serve_metrics(
+        metrics_listener,
+        metrics.clone(),
+        admin_stop.clone(),
+    ));
+    tokio::spawn(metrics::serve_readiness(
+        ready_listener,
+        ready.clone(),
+        admin_stop.clone(),
+    ));
+
+    let proxy = Arc::new(Proxy {
+        state: state.clone(),
+        metrics: metrics.proxy.clone(),
+        destinations,
+        bypass_mark: if config.capture.enabled {
+            config.capture.bypass_mark
+        } else {
+            0
+        },
+        connect_timeout: config.proxy.connect_timeout,
+    });
+    if let Some(c) = &capture {
+        metrics.register_ebpf(Arc::new(CaptureCounters(c.clone())));
+    }
+
+    let tracker = TaskTracker::new();
+    let stop_accepting = CancellationToken::new();
+    let kill = CancellationToken::new();
+    let accept = tokio::spawn(proxy.clone().serve(
+        outbound,
+        tracker.clone(),
+        stop_accepting.clone(),
+        kill.clone(),
+    ));
+    ready.set(true);
+    info!(
+        node = %config.node_name,
+        outbound = %config.listeners.outbound,
+        metrics = %config.listeners.metrics,
+        readiness = %config.listeners.readiness,
+        services = config.services.len(),
+        capture = config.capture.enabled,
+        "ferry is serving"
+    );
+
+    let mut current = config;
+    loop {
+        tokio::select! {
+            _ = sigterm.recv() => { info!("SIGTERM: draining"); break; }
+            _ = sigint.recv() => { info!("SIGINT: draining"); break; }
+            _ = sighup.recv() => {
+                let Some(path) = &config_path else {
+                    warn!("SIGHUP ignored: no config file to re-read");
+                    continue;
+                };
+                match config::load(path) {
+                    Err(e) => error!(error = %e, "reload rejected; keeping the running configuration"),
+                    Ok(new) => {
+                        if new.listeners != current.listeners || new.capture != current.capture {
+                            warn!("listeners and capture settings change only on restart; services are reloaded");
+                        }
+                        let snapshot = Snapshot::new(&new);
+                        if let Some(c) = &capture
+                            && let Err(e) = c.sync_services(&snapshot)
+                        {
+                            error!(error = %e, "reload: syncing the service map failed; keeping the running configuration");
+                            if let Err(e) = c.sync_services(&state.load()) {
+                                error!(error = %e, "restoring the service map failed");
+                            }
+                            continue;
+                        }
+                        state.store(snapshot);
+                        info!(services = new.services.len(), "configuration reloaded");
+                        current = new;
+                    }
+                }
+            }
+        }
+    }
+
+    // Drain.
+    ready.set(false);
+    stop_accepting.cancel();
+    let _ = accept.await;
+    tracker.close();
+    let deadline = current.proxy.drain_deadline;
+    let open = tracker.len();
+    if open > 0 {
+        info!(open, deadline = ?deadline, "waiting for open connections");
+    }
+    if tokio::time::timeout(deadline, tracker.wait()).await.is_err() {
+        warn!(
+            open = tracker.len(),
+            "drain deadline reached; closing remaining connections"
+        );
+        kill.cancel();
+        tracker.wait().await;
+    }
+    admin_stop.cancel();
+    drop(proxy);
+    drop(capture);
+    info!("drained; capture detached; bye");
+    Ok(())
+}

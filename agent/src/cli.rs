@@ -1,0 +1,139 @@
+//! The `ferry` command line (clap). Every flag has an environment fallback.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand, ValueEnum};
+
+use crate::config;
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "ferry",
+    version,
+    about = "Ferry: eBPF-captured, shared per-node L4 proxy for Kubernetes pod traffic"
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the agent: bind listeners, attach capture, proxy until SIGTERM.
+    Run {
+        /// The configuration file (YAML). SIGHUP re-reads it.
+        #[arg(long, short, env = "FERRY_CONFIG")]
+        config: PathBuf,
+        /// Log filter, in tracing's EnvFilter syntax (e.g. `info`, `ferry=debug`).
+        #[arg(long, env = "FERRY_LOG", default_value = "info")]
+        log: String,
+        /// Log format.
+        #[arg(long, env = "FERRY_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
+        log_format: LogFormat,
+        /// Worker threads for the proxy (default: one per CPU).
+        #[arg(long, env = "FERRY_WORKERS")]
+        workers: Option<usize>,
+    },
+    /// Validate a configuration file and exit; attaches nothing.
+    Check {
+        /// The configuration file (YAML).
+        #[arg(long, short, env = "FERRY_CONFIG")]
+        config: PathBuf,
+    },
+    /// Print the version and whether the eBPF object is embedded.
+    Version,
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+fn init_logging(filter: &str, format: LogFormat) -> Result<(), String> {
+    let filter = tracing_subscriber::EnvFilter::try_new(filter)
+        .map_err(|e| format!("invalid --log filter {filter:?}: {e}"))?;
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    let r = match format {
+        LogFormat::Text => builder.try_init(),
+        LogFormat::Json => builder.json().try_init(),
+    };
+    r.map_err(|e| format!("cannot initialise logging: {e}"))
+}
+
+/// Entry point of the `ferry` binary.
+pub fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Version => {
+            println!(
+                "ferry {} (eBPF object {})",
+                env!("CARGO_PKG_VERSION"),
+                if crate::capture::Capture::object_embedded() {
+                    "embedded"
+                } else {
+                    "NOT embedded: run `cargo xtask build-ebpf` and rebuild"
+                }
+            );
+            ExitCode::SUCCESS
+        }
+        Command::Check { config } => match config::load(&config) {
+            Ok(c) => {
+                println!(
+                    "{}: ok ({} services, {} endpoints, capture {})",
+                    config.display(),
+                    c.services.len(),
+                    c.services.iter().map(|s| s.endpoints.len()).sum::<usize>(),
+                    if c.capture.enabled { "enabled" } else { "disabled" }
+                );
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("error: {e}");
+                ExitCode::from(2)
+            }
+        },
+        Command::Run {
+            config: path,
+            log,
+            log_format,
+            workers,
+        } => {
+            if let Err(e) = init_logging(&log, log_format) {
+                eprintln!("error: {e}");
+                return ExitCode::from(2);
+            }
+            let cfg = match config::load(&path) {
+                Ok(c) => c,
+                Err(e) => {
+                    tracing::error!("{e}");
+                    eprintln!("error: {e}");
+                    return ExitCode::from(2);
+                }
+            };
+            let mut rt = tokio::runtime::Builder::new_multi_thread();
+            rt.enable_all();
+            if let Some(n) = workers {
+                rt.worker_threads(n.max(1));
+            }
+            let rt = match rt.build() {
+                Ok(rt) => rt,
+                Err(e) => {
+                    eprintln!("error: cannot start the runtime: {e}");
+                    return ExitCode::FAILURE;
+                }
+            };
+            match rt.block_on(crate::app::run(cfg, Some(path))) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    tracing::error!("{e}");
+                    eprintln!("error: {e}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
+    }
+}

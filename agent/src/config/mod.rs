@@ -1,0 +1,638 @@
+//! Ferry's configuration: the YAML model, its defaults and its validation.
+//!
+//! A file is parsed into [`RawConfig`] (which rejects unknown fields, naming
+//! their path), then [`RawConfig::validate`] checks every rule and reports
+//! *all* violations at once, each as `path: reason`, for example
+//! `services[2].endpoints[0].weight: must be greater than 0`.
+//! Only a validated [`Config`] reaches the rest of the agent.
+
+use std::collections::HashMap;
+use std::fmt;
+use std::net::{IpAddr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+
+/// Ferry's default bypass mark (`SO_MARK` on its own upstream sockets): 0x539,
+/// the value Istio uses for the same purpose, so operators recognise it.
+pub const DEFAULT_BYPASS_MARK: u32 = 0x539;
+
+/// Errors from loading or validating a configuration.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{file}: {field}: {message}")]
+    Parse {
+        file: String,
+        field: String,
+        message: String,
+    },
+    #[error("{file}: invalid configuration:\n{}", format_violations(.violations))]
+    Invalid {
+        file: String,
+        violations: Vec<Violation>,
+    },
+}
+
+fn format_violations(v: &[Violation]) -> String {
+    v.iter()
+        .map(|v| format!("  {v}"))
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+/// One broken rule: the field's path and why it is wrong.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Violation {
+    pub field: String,
+    pub reason: String,
+}
+
+impl fmt::Display for Violation {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}: {}", self.field, self.reason)
+    }
+}
+
+/// A duration written the human way: `250ms`, `5s`, `1m30s`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HumanDuration(pub Duration);
+
+impl<'de> Deserialize<'de> for HumanDuration {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        humantime::parse_duration(&s)
+            .map(HumanDuration)
+            .map_err(|e| serde::de::Error::custom(format!("invalid duration {s:?}: {e}")))
+    }
+}
+
+// ---------------------------------------------------------------------------
+// The file as written (all optional parts have defaults).
+// ---------------------------------------------------------------------------
+
+/// The configuration file as written.
+#[derive(Debug, Clone, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct RawConfig {
+    #[serde(default)]
+    pub node: RawNode,
+    #[serde(default)]
+    pub listeners: RawListeners,
+    #[serde(default)]
+    pub capture: RawCapture,
+    #[serde(default)]
+    pub proxy: RawProxy,
+    #[serde(default)]
+    pub services: Vec<RawService>,
+}
+
+#[derive(Debug, Clone, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct RawNode {
+    /// This node's name; defaults to the host name.
+    pub name: Option<String>,
+}
+
+#[derive(Debug, Clone, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct RawListeners {
+    /// Where Ferry accepts captured connections. Default `[::]:15001`
+    /// (dual-stack: IPv4 clients arrive as IPv4-mapped addresses).
+    pub outbound: Option<SocketAddr>,
+    /// Prometheus metrics (`/metrics`). Default `0.0.0.0:15020`.
+    pub metrics: Option<SocketAddr>,
+    /// Readiness (`/ready`) and liveness (`/healthz`). Default `0.0.0.0:15021`.
+    pub readiness: Option<SocketAddr>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawCapture {
+    /// Load and attach the eBPF capture programs. Default true.
+    #[serde(default = "yes")]
+    pub enabled: bool,
+    /// cgroup v2 directories to enroll: relative to the cgroup2 mount, or
+    /// absolute paths under it.
+    #[serde(default)]
+    pub cgroups: Vec<String>,
+    /// The address captured IPv4 connections are sent to: an address of this
+    /// node on which the outbound listener is reachable from pods.
+    pub redirect_ipv4: Option<IpAddr>,
+    /// The same for IPv6 connections.
+    pub redirect_ipv6: Option<IpAddr>,
+    /// `SO_MARK` Ferry puts on its own upstream sockets so that capture never
+    /// loops them back. Default 0x539 (1337).
+    #[serde(default = "default_mark")]
+    pub bypass_mark: u32,
+    /// Forward the eBPF programs' diagnostics to the log. Default false.
+    #[serde(default)]
+    pub ebpf_log: bool,
+}
+
+impl Default for RawCapture {
+    fn default() -> Self {
+        RawCapture {
+            enabled: true,
+            cgroups: Vec::new(),
+            redirect_ipv4: None,
+            redirect_ipv6: None,
+            bypass_mark: DEFAULT_BYPASS_MARK,
+            ebpf_log: false,
+        }
+    }
+}
+
+fn yes() -> bool {
+    true
+}
+fn default_mark() -> u32 {
+    DEFAULT_BYPASS_MARK
+}
+
+#[derive(Debug, Clone, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct RawProxy {
+    /// Upper bound on one upstream connect. Default 5s.
+    pub connect_timeout: Option<HumanDuration>,
+    /// On SIGTERM, how long open connections may finish before they are
+    /// closed. Default 30s.
+    pub drain_deadline: Option<HumanDuration>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawService {
+    pub name: String,
+    #[serde(default = "default_namespace")]
+    pub namespace: String,
+    /// The service's virtual addresses (IPv4 and/or IPv6).
+    #[serde(default)]
+    pub addresses: Vec<IpAddr>,
+    #[serde(default)]
+    pub ports: Vec<RawPort>,
+    #[serde(default)]
+    pub endpoints: Vec<RawEndpoint>,
+}
+
+fn default_namespace() -> String {
+    "default".to_owned()
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawPort {
+    pub port: u16,
+    /// The endpoints' port; defaults to `port`.
+    pub target_port: Option<u16>,
+    /// Only `TCP` is carried today.
+    #[serde(default = "default_protocol")]
+    pub protocol: String,
+}
+
+fn default_protocol() -> String {
+    "TCP".to_owned()
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawEndpoint {
+    pub address: IpAddr,
+    /// Relative weight; default 1.
+    #[serde(default = "default_weight")]
+    pub weight: u32,
+}
+
+fn default_weight() -> u32 {
+    1
+}
+
+// ---------------------------------------------------------------------------
+// The validated configuration.
+// ---------------------------------------------------------------------------
+
+/// A validated configuration.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Config {
+    pub node_name: String,
+    pub listeners: Listeners,
+    pub capture: Capture,
+    pub proxy: Proxy,
+    pub services: Vec<Service>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Listeners {
+    pub outbound: SocketAddr,
+    pub metrics: SocketAddr,
+    pub readiness: SocketAddr,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Capture {
+    pub enabled: bool,
+    pub cgroups: Vec<String>,
+    pub redirect_ipv4: Option<std::net::Ipv4Addr>,
+    pub redirect_ipv6: Option<std::net::Ipv6Addr>,
+    pub bypass_mark: u32,
+    pub ebpf_log: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Proxy {
+    pub connect_timeout: Duration,
+    pub drain_deadline: Duration,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Service {
+    pub name: String,
+    pub namespace: String,
+    pub addresses: Vec<IpAddr>,
+    pub ports: Vec<Port>,
+    pub endpoints: Vec<Endpoint>,
+}
+
+impl Service {
+    /// `namespace/name`, the service's label in logs and metrics.
+    pub fn key(&self) -> String {
+        format!("{}/{}", self.namespace, self.name)
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Port {
+    pub port: u16,
+    pub target_port: u16,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Endpoint {
+    pub address: IpAddr,
+    pub weight: u32,
+}
+
+/// Reads, parses and validates a configuration file.
+pub fn load(path: &Path) -> Result<Config, ConfigError> {
+    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+        path: path.to_owned(),
+        source,
+    })?;
+    parse(&text, &path.display().to_string())
+}
+
+/// Parses and validates configuration text; `file` names it in errors.
+pub fn parse(text: &str, file: &str) -> Result<Config, ConfigError> {
+    let raw = parse_raw(text, file)?;
+    raw.validate().map_err(|violations| ConfigError::Invalid {
+        file: file.to_owned(),
+        violations,
+    })
+}
+
+/// Parses configuration text without validating it.
+pub fn parse_raw(text: &str, file: &str) -> Result<RawConfig, ConfigError> {
+    let de = serde_yaml_ng::Deserializer::from_str(text);
+    match serde_path_to_error::deserialize::<_, RawConfig>(de) {
+        Ok(raw) => Ok(raw),
+        Err(e) => {
+            let field = e.path().to_string();
+            let field = if field == "." {
+                "(top level)".to_owned()
+            } else {
+                field
+            };
+            Err(ConfigError::Parse {
+                file: file.to_owned(),
+                field,
+                message: e.into_inner().to_string(),
+            })
+        }
+    }
+}
+
+fn valid_dns_label(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 63
+        && s.bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        && !s.starts_with('-')
+        && !s.ends_with('-')
+}
+
+impl RawConfig {
+    /// Checks every rule; on failure returns all violations, in file order.
+    pub fn validate(&self) -> Result<Config, Vec<Violation>> {
+        let mut v = Vec::new();
+        let mut bad = |field: String, reason: &str| {
+            v.push(Violation {
+                field,
+                reason: reason.to_owned(),
+            })
+        };
+
+        let node_name = match &self.node.name {
+            Some(n) if n.trim().is_empty() => {
+                bad("node.name".into(), "must not be empty");
+                String::new()
+            }
+            Some(n) => n.clone(),
+            None => hostname(),
+        };
+
+        let listeners = Listeners {
+            outbound: self
+                .listeners
+                .outbound
+                .unwrap_or_else(|| "[::]:15001".parse().expect("literal address")),
+            metrics: self
+                .listeners
+                .metrics
+                .unwrap_or_else(|| "0.0.0.0:15020".parse().expect("literal address")),
+            readiness: self
+                .listeners
+                .readiness
+                .unwrap_or_else(|| "0.0.0.0:15021".parse().expect("literal address")),
+        };
+        if listeners.outbound.port() == 0 {
+            bad("listeners.outbound".into(), "port must not be 0");
+        }
+        let named = [
+            ("listeners.outbound", listeners.outbound),
+            ("listeners.metrics", listeners.metrics),
+            ("listeners.readiness", listeners.readiness),
+        ];
+        for (i, (a_name, a)) in named.iter().enumerate() {
+            for (b_name, b) in &named[i + 1..] {
+                if a.port() != 0 && a.port() == b.port() && overlaps(a.ip(), b.ip()) {
+                    bad(
+                        (*b_name).into(),
+                        &format!("{b} collides with {a_name} ({a})"),
+                    );
+                }
+            }
+        }
+
+        let c = &self.capture;
+        let redirect_ipv4 = match c.redirect_ipv4 {
+            Some(IpAddr::V4(a)) if a.is_unspecified() => {
+                bad(
+                    "capture.redirect_ipv4".into(),
+                    "must be a concrete address of this node, not 0.0.0.0",
+                );
+                None
+            }
+            Some(IpAddr::V4(a)) => Some(a),
+            Some(IpAddr::V6(_)) => {
+                bad("capture.redirect_ipv4".into(), "must be an IPv4 address");
+                None
+            }
+            None => None,
+        };
+        let redirect_ipv6 = match c.redirect_ipv6 {
+            Some(IpAddr::V6(a)) if a.is_unspecified() => {
+                bad(
+                    "capture.redirect_ipv6".into(),
+                    "must be a concrete address of this node, not ::",
+                );
+                None
+            }
+            Some(IpAddr::V6(a)) => Some(a),
+            Some(IpAddr::V4(_)) => {
+                bad("capture.redirect_ipv6".into(), "must be an IPv6 address");
+                None
+            }
+            None => None,
+        };
+        if c.enabled {
+            if c.cgroups.is_empty() {
+                bad(
+                    "capture.cgroups".into(),
+                    "must name at least one cgroup to enroll when capture is enabled",
+                );
+            }
+            if c.redirect_ipv4.is_none() && c.redirect_ipv6.is_none() {
+                bad(
+                    "capture".into(),
+                    "needs redirect_ipv4 and/or redirect_ipv6 when capture is enabled",
+                );
+            }
+            if c.bypass_mark == 0 {
+                bad(
+                    "capture.bypass_mark".into(),
+                    "must not be 0 (0 is the mark of every unmarked socket)",
+                );
+            }
+            if let (Some(_), false) = (redirect_ipv4, listeners.outbound.is_ipv4()) {
+                // A v6 wildcard listener also accepts IPv4; a concrete v6 one does not.
+                if !listeners.outbound.ip().is_unspecified() {
+                    bad(
+                        "listeners.outbound".into(),
+                        "is a concrete IPv6 address but capture.redirect_ipv4 is set: IPv4 clients could not reach it",
+                    );
+                }
+            }
+            if redirect_ipv6.is_some() && listeners.outbound.is_ipv4() {
+                bad(
+                    "listeners.outbound".into(),
+                    "is IPv4 but capture.redirect_ipv6 is set: use [::]:PORT to accept both families",
+                );
+            }
+        }
+        for (i, cg) in c.cgroups.iter().enumerate() {
+            if cg.trim().is_empty() {
+                bad(format!("capture.cgroups[{i}]"), "must not be empty");
+            } else if cg.split('/').any(|p| p == "..") {
+                bad(format!("capture.cgroups[{i}]"), "must not contain '..'");
+            }
+        }
+
+        let connect_timeout = self
+            .proxy
+            .connect_timeout
+            .map(|d| d.0)
+            .unwrap_or(Duration::from_secs(5));
+        if connect_timeout.is_zero() {
+            bad("proxy.connect_timeout".into(), "must be greater than 0");
+        }
+        let drain_deadline = self
+            .proxy
+            .drain_deadline
+            .map(|d| d.0)
+            .unwrap_or(Duration::from_secs(30));
+
+        // Which (address, port) belongs to which service, to catch overlaps.
+        let mut owners: HashMap<(IpAddr, u16), usize> = HashMap::new();
+        let mut names: HashMap<(String, String), usize> = HashMap::new();
+        let mut services = Vec::with_capacity(self.services.len());
+        for (si, s) in self.services.iter().enumerate() {
+            let at = format!("services[{si}]");
+            if !valid_dns_label(&s.name) {
+                bad(
+                    format!("{at}.name"),
+                    "must be a DNS label: 1-63 of a-z, 0-9 and '-', not starting or ending with '-'",
+                );
+            }
+            if !valid_dns_label(&s.namespace) {
+                bad(format!("{at}.namespace"), "must be a DNS label");
+            }
+            if let Some(prev) = names.insert((s.namespace.clone(), s.name.clone()), si) {
+                bad(
+                    format!("{at}.name"),
+                    &format!(
+                        "{}/{} is already defined by services[{prev}]",
+                        s.namespace, s.name
+                    ),
+                );
+            }
+            if s.addresses.is_empty() {
+                bad(
+                    format!("{at}.addresses"),
+                    "must list at least one IPv4 or IPv6 address",
+                );
+            }
+            for (ai, a) in s.addresses.iter().enumerate() {
+                if a.is_unspecified() || a.is_multicast() {
+                    bad(
+                        format!("{at}.addresses[{ai}]"),
+                        "must be a unicast address",
+                    );
+                }
+                if s.addresses[..ai].contains(a) {
+                    bad(format!("{at}.addresses[{ai}]"), "is listed twice");
+                }
+            }
+            if s.ports.is_empty() {
+                bad(format!("{at}.ports"), "must list at least one port");
+            }
+            let mut ports = Vec::with_capacity(s.ports.len());
+            for (pi, p) in s.ports.iter().enumerate() {
+                let pat = format!("{at}.ports[{pi}]");
+                if p.port == 0 {
+                    bad(format!("{pat}.port"), "must be between 1 and 65535");
+                }
+                if p.target_port == Some(0) {
+                    bad(format!("{pat}.target_port"), "must be between 1 and 65535");
+                }
+                if !p.protocol.eq_ignore_ascii_case("tcp") {
+                    bad(
+                        format!("{pat}.protocol"),
+                        &format!("{:?} is not supported (only TCP)", p.protocol),
+                    );
+                }
+                if s.ports[..pi].iter().any(|q| q.port == p.port) {
+                    bad(format!("{pat}.port"), "is listed twice");
+                }
+                for a in &s.addresses {
+                    if let Some(other) = owners.insert((*a, p.port), si)
+                        && other != si
+                    {
+                        bad(
+                            format!("{pat}.port"),
+                            &format!("{a} port {} is already used by services[{other}]", p.port),
+                        );
+                    }
+                }
+                ports.push(Port {
+                    port: p.port,
+                    target_port: p.target_port.unwrap_or(p.port),
+                });
+            }
+            for (ei, e) in s.endpoints.iter().enumerate() {
+                let eat = format!("{at}.endpoints[{ei}]");
+                if e.weight == 0 {
+                    bad(format!("{eat}.weight"), "must be greater than 0");
+                }
+                if e.weight > 1_000_000 {
+                    bad(format!("{eat}.weight"), "must be at most 1000000");
+                }
+                if e.address.is_unspecified() || e.address.is_multicast() {
+                    bad(format!("{eat}.address"), "must be a unicast address");
+                }
+                if s.addresses.contains(&e.address) {
+                    bad(
+                        format!("{eat}.address"),
+                        "is one of the service's own addresses (it would loop)",
+                    );
+                }
+                if s.endpoints[..ei].iter().any(|f| f.address == e.address) {
+                    bad(format!("{eat}.address"), "is listed twice");
+                }
+            }
+            services.push(Service {
+                name: s.name.clone(),
+                namespace: s.namespace.clone(),
+                addresses: s.addresses.clone(),
+                ports,
+                endpoints: s
+                    .endpoints
+                    .iter()
+                    .map(|e| Endpoint {
+                        address: e.address,
+                        weight: e.weight,
+                    })
+                    .collect(),
+            });
+        }
+        // An endpoint that is itself a service address would be captured again.
+        for (si, s) in self.services.iter().enumerate() {
+            for (ei, e) in s.endpoints.iter().enumerate() {
+                for p in &services[si].ports {
+                    if let Some(other) = owners.get(&(e.address, p.target_port))
+                        && *other != si
+                    {
+                        bad(
+                            format!("services[{si}].endpoints[{ei}].address"),
+                            &format!(
+                                "{}:{} is a service address of services[{other}]; endpoints must be workload addresses",
+                                e.address, p.target_port
+                            ),
+                        );
+                    }
+                }
+            }
+        }
+
+        if !v.is_empty() {
+            return Err(v);
+        }
+        Ok(Config {
+            node_name,
+            listeners,
+            capture: Capture {
+                enabled: c.enabled,
+                cgroups: c.cgroups.clone(),
+                redirect_ipv4,
+                redirect_ipv6,
+                bypass_mark: c.bypass_mark,
+                ebpf_log: c.ebpf_log,
+            },
+            proxy: Proxy {
+                connect_timeout,
+                drain_deadline,
+            },
+            services,
+        })
+    }
+}
+
+fn overlaps(a: IpAddr, b: IpAddr) -> bool {
+    a == b || a.is_unspecified() || b.is_unspecified()
+}
+
+fn hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|s| s.trim().to_owned())
+        .ok()
+        .filter(|s| !s.is_empty())
+        .unwrap_or_else(|| "localhost".to_owned())
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,299 @@
+//! The outbound listener: accept a captured connection, find where it was
+//! going, pick an endpoint by weight, connect, relay.
+
+pub mod relay;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::net::{TcpListener, TcpSocket, TcpStream};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::{Instrument, debug, info, info_span, warn};
+
+use crate::capture::Capture;
+use crate::metrics::{BytesLabels, ErrorLabels, ProxyMetrics, ServiceLabels};
+use crate::state::State;
+
+/// Errors of the proxy module.
+#[derive(Debug, thiserror::Error)]
+pub enum ProxyError {
+    #[error("cannot bind the outbound listener on {addr}: {source}")]
+    Bind {
+        addr: SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// Why a connection could not be served; the `reason` label of
+/// `ferry_connection_failures_total`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Failure {
+    /// No record of where the connection was going.
+    NoOriginalDestination,
+    /// The original destination is not (or no longer) a service.
+    UnknownService,
+    /// The service has no endpoints.
+    NoEndpoints,
+    /// The endpoint refused, was unreachable, or timed out.
+    ConnectFailed,
+    /// The destination lookup itself failed.
+    LookupError,
+}
+
+impl Failure {
+    pub fn reason(self) -> &'static str {
+        match self {
+            Failure::NoOriginalDestination => "no_original_destination",
+            Failure::UnknownService => "unknown_service",
+            Failure::NoEndpoints => "no_endpoints",
+            Failure::ConnectFailed => "connect_failed",
+            Failure::LookupError => "lookup_error",
+        }
+    }
+}
+
+/// How the proxy learns a connection's original destination.
+#[derive(Debug, Clone)]
+pub enum Destinations {
+    /// From the eBPF capture's connection map.
+    Ebpf(Arc<Capture>),
+    /// The connection was sent to the address it wanted (the local address
+    /// is the destination): for a listener bound to a service address.
+    LocalAddress,
+}
+
+impl Destinations {
+    fn original(&self, peer: SocketAddr, local: SocketAddr) -> Result<Option<SocketAddr>, Failure> {
+        match self {
+            Destinations::Ebpf(c) => match c.take_original(peer) {
+                Ok(o) => Ok(o.map(|o| o.dst)),
+                Err(e) => {
+                    warn!(error = %e, "original destination lookup failed");
+                    Err(Failure::LookupError)
+                }
+            },
+            Destinations::LocalAddress => Ok(Some(local)),
+        }
+    }
+}
+
+/// What every connection task needs.
+#[derive(Debug)]
+pub struct Proxy {
+    pub state: Arc<State>,
+    pub metrics: Arc<ProxyMetrics>,
+    pub destinations: Destinations,
+    /// `SO_MARK` for upstream sockets (0: none).
+    pub bypass_mark: u32,
+    pub connect_timeout: Duration,
+}
+
+/// Binds the outbound listener. A `[::]` address is made dual-stack.
+pub fn bind(addr: SocketAddr) -> Result<TcpListener, ProxyError> {
+    let err = |source| ProxyError::Bind { addr, source };
+    let sock = socket2::Socket::new(
+        socket2::Domain::for_address(addr),
+        socket2::Type::STREAM,
+        Some(socket2::Protocol::TCP),
+    )
+    .map_err(err)?;
+    if addr.is_ipv6() {
+        sock.set_only_v6(false).map_err(err)?;
+    }
+    sock.set_reuse_address(true).map_err(err)?;
+    sock.set_nonblocking(true).map_err(err)?;
+    sock.set_tcp_nodelay(true).map_err(err)?;
+    sock.bind(&addr.into()).map_err(err)?;
+    sock.listen(4096).map_err(err)?;
+    TcpListener::from_std(sock.into()).map_err(err)
+}
+
+impl Proxy {
+    /// Accepts until `stop` fires; every connection runs on `tracker`.
+    pub async fn serve(
+        self: Arc<Self>,
+        listener: TcpListener,
+        tracker: TaskTracker,
+        stop: CancellationToken,
+        kill: CancellationToken,
+    ) {
+        let mut next_id: u64 = 0;
+        loop {
+            let (stream, peer) = tokio::select! {
+                _ = stop.cancelled() => break,
+                r = listener.accept() => match r {
+                    Ok(x) => x,
+                    Err(e) => {
+                        // EMFILE and friends: back off briefly rather than spin.
+                        warn!(error = %e, "accept failed");
+                        tokio::time::sleep(Duration::from_millis(10)).await;
+                        continue;
+                    }
+                },
+            };
+            next_id += 1;
+            let span = info_span!(
+                "conn",
+                id = next_id,
+                client = %peer,
+                dst = tracing::field::Empty,
+                service = tracing::field::Empty,
+                endpoint = tracing::field::Empty,
+            );
+            let this = self.clone();
+            let kill = kill.clone();
+            tracker.spawn(
+                async move {
+                    tokio::select! {
+                        _ = this.handle(stream, peer) => {}
+                        _ = kill.cancelled() => debug!("closed at drain deadline"),
+                    }
+                }
+                .instrument(span),
+            );
+        }
+        debug!("outbound listener closed");
+    }
+
+    fn fail(&self, f: Failure) {
+        self.metrics
+            .failures
+            .get_or_create(&ErrorLabels { reason: f.reason() })
+            .inc();
+    }
+
+    async fn handle(&self, client: TcpStream, peer: SocketAddr) {
+        let span = tracing::Span::current();
+        let local = match client.local_addr() {
+            Ok(a) => a,
+            Err(e) => {
+                debug!(error = %e, "connection gone before it was handled");
+                return;
+            }
+        };
+        let dst = match self.destinations.original(peer, local) {
+            Ok(Some(d)) => d,
+            Ok(None) => {
+                warn!("no original destination recorded for this connection; closing it");
+                self.fail(Failure::NoOriginalDestination);
+                relay::reset(&client);
+                return;
+            }
+            Err(f) => {
+                self.fail(f);
+                relay::reset(&client);
+                return;
+            }
+        };
+        span.record("dst", tracing::field::display(dst));
+        let snapshot = self.state.load();
+        let Some(target) = snapshot.lookup(dst) else {
+            warn!("destination is not a known service; closing");
+            self.fail(Failure::UnknownService);
+            relay::reset(&client);
+            return;
+        };
+        let svc = target.service;
+        span.record("service", svc.key.as_str());
+        let labels = ServiceLabels {
+            service: svc.key.clone(),
+        };
+        self.metrics.opened.get_or_create(&labels).inc();
+        let active = self.metrics.active.get_or_create(&labels).clone();
+        active.inc();
+        let _closed = OnDrop(|| {
+            active.dec();
+            self.metrics.closed.get_or_create(&labels).inc();
+        });
+
+        let Some(ep) = svc.pick() else {
+            warn!("service has no endpoints; closing");
+            self.fail(Failure::NoEndpoints);
+            relay::reset(&client);
+            return;
+        };
+        let ep_addr = SocketAddr::new(ep.address, target.target_port);
+        span.record("endpoint", tracing::field::display(ep_addr));
+        let upstream = match self.connect(ep_addr).await {
+            Ok(s) => s,
+            Err(e) => {
+                warn!(error = %e, "connect to endpoint failed");
+                self.fail(Failure::ConnectFailed);
+                relay::reset(&client);
+                return;
+            }
+        };
+        let observe = ByteCounters {
+            up: self
+                .metrics
+                .bytes
+                .get_or_create(&BytesLabels {
+                    service: svc.key.clone(),
+                    direction: "upstream",
+                })
+                .clone(),
+            down: self
+                .metrics
+                .bytes
+                .get_or_create(&BytesLabels {
+                    service: svc.key.clone(),
+                    direction: "downstream",
+                })
+                .clone(),
+        };
+        let out = relay::relay(client, upstream, &observe).await;
+        info!(
+            upstream_bytes = out.upstream_bytes,
+            downstream_bytes = out.downstream_bytes,
+            ending = ?out.ending,
+            error = ?out.error,
+            "connection closed"
+        );
+    }
+
+    /// Connects to an endpoint with Ferry's bypass mark, so capture never
+    /// redirects Ferry's own connections.
+    pub async fn connect(&self, addr: SocketAddr) -> std::io::Result<TcpStream> {
+        let sock = if addr.is_ipv4() {
+            TcpSocket::new_v4()?
+        } else {
+            TcpSocket::new_v6()?
+        };
+        if self.bypass_mark != 0 {
+            socket2::SockRef::from(&sock).set_mark(self.bypass_mark)?;
+        }
+        sock.set_nodelay(true)?;
+        match tokio::time::timeout(self.connect_timeout, sock.connect(addr)).await {
+            Ok(r) => r,
+            Err(_) => Err(std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                format!("no answer within {:?}", self.connect_timeout),
+            )),
+        }
+    }
+}
+
+struct ByteCounters {
+    up: prometheus_client::metrics::counter::Counter,
+    down: prometheus_client::metrics::counter::Counter,
+}
+
+impl relay::Observe for ByteCounters {
+    fn upstream(&self, n: u64) {
+        self.up.inc_by(n);
+    }
+    fn downstream(&self, n: u64) {
+        self.down.inc_by(n);
+    }
+}
+
+struct OnDrop<F: FnMut()>(F);
+
+impl<F: FnMut()> Drop for OnDrop<F> {
+    fn drop(&mut self) {
+        (self.0)()
+    }
+}

@@ -1,0 +1,134 @@
+//! The byte relay between a client and its endpoint.
+//!
+//! TCP semantics are carried across the proxy, not approximated:
+//! * a FIN stays a FIN: when one side finishes sending, Ferry shuts down its
+//!   write side toward the other and keeps relaying the opposite direction
+//!   (a client that half-closes still receives the whole response);
+//! * a reset stays a reset: when one side resets (or a write to it fails),
+//!   Ferry aborts the other side with RST (`SO_LINGER` 0), so an endpoint
+//!   crash is never reported to the client as a clean end of stream.
+
+use std::io;
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio::net::tcp::{ReadHalf, WriteHalf};
+
+/// Bytes per direction read at once.
+pub const BUF_SIZE: usize = 16 * 1024;
+
+/// How a relay ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Ending {
+    /// Both directions finished with FIN.
+    Clean,
+    /// The client reset or failed; the endpoint was reset.
+    ClientReset,
+    /// The endpoint reset or failed; the client was reset.
+    EndpointReset,
+}
+
+/// What a relay moved and how it ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Outcome {
+    /// Client to endpoint.
+    pub upstream_bytes: u64,
+    /// Endpoint to client.
+    pub downstream_bytes: u64,
+    pub ending: Ending,
+    /// The error behind a reset ending.
+    pub error: Option<io::ErrorKind>,
+}
+
+/// Observes bytes as they move (for live metrics).
+pub trait Observe: Send + Sync {
+    fn upstream(&self, n: u64);
+    fn downstream(&self, n: u64);
+}
+
+impl Observe for () {
+    fn upstream(&self, _: u64) {}
+    fn downstream(&self, _: u64) {}
+}
+
+enum PumpError {
+    /// Reading the source failed (it reset).
+    Read(io::Error),
+    /// Writing the sink failed (it reset or went away).
+    Write(io::Error),
+}
+
+async fn pump(
+    from: &mut ReadHalf<'_>,
+    to: &mut WriteHalf<'_>,
+    count: &mut u64,
+    on_bytes: &(dyn Fn(u64) + Send + Sync),
+) -> Result<(), PumpError> {
+    let mut buf = vec![0u8; BUF_SIZE];
+    loop {
+        let n = from.read(&mut buf).await.map_err(PumpError::Read)?;
+        if n == 0 {
+            // FIN from the source: pass it on, keep the other direction open.
+            to.shutdown().await.map_err(PumpError::Write)?;
+            return Ok(());
+        }
+        to.write_all(&buf[..n]).await.map_err(PumpError::Write)?;
+        *count += n as u64;
+        on_bytes(n as u64);
+    }
+}
+
+/// Aborts a connection with RST instead of FIN.
+pub fn reset(stream: &TcpStream) {
+    // Ignore failure: the socket may already be gone, and then there is
+    // nothing left to reset.
+    let _ = socket2::SockRef::from(stream).set_linger(Some(std::time::Duration::ZERO));
+}
+
+/// Relays until both directions are finished or one side resets; consumes
+/// both streams (they are closed, or reset, on return).
+pub async fn relay(mut client: TcpStream, mut endpoint: TcpStream, observe: &dyn Observe) -> Outcome {
+    let mut up = 0u64;
+    let mut down = 0u64;
+    let mut error = None;
+    let ending = {
+        let (mut cr, mut cw) = client.split();
+        let (mut er, mut ew) = endpoint.split();
+        let on_up = |n| observe.upstream(n);
+        let on_down = |n| observe.downstream(n);
+        let upstream = pump(&mut cr, &mut ew, &mut up, &on_up);
+        let downstream = pump(&mut er, &mut cw, &mut down, &on_down);
+        tokio::pin!(upstream, downstream);
+        let mut up_done = false;
+        let mut down_done = false;
+        loop {
+            tokio::select! {
+                r = &mut upstream, if !up_done => match r {
+                    Ok(()) => up_done = true,
+                    // The client reset, or the endpoint stopped taking data.
+                    Err(PumpError::Read(e)) => { error = Some(e.kind()); break Ending::ClientReset }
+                    Err(PumpError::Write(e)) => { error = Some(e.kind()); break Ending::EndpointReset }
+                },
+                r = &mut downstream, if !down_done => match r {
+                    Ok(()) => down_done = true,
+                    Err(PumpError::Read(e)) => { error = Some(e.kind()); break Ending::EndpointReset }
+                    Err(PumpError::Write(e)) => { error = Some(e.kind()); break Ending::ClientReset }
+                },
+            }
+            if up_done && down_done {
+                break Ending::Clean;
+            }
+        }
+    };
+    match ending {
+        Ending::Clean => {}
+        Ending::ClientReset => reset(&endpoint),
+        Ending::EndpointReset => reset(&client),
+    }
+    Outcome {
+        upstream_bytes: up,
+        downstream_bytes: down,
+        ending,
+        error,
+    }
+}
