@@ -308,12 +308,31 @@ pub fn parse_raw(text: &str, file: &str) -> Result<RawConfig, ConfigError> {
             } else {
                 field
             };
+            let message = e.into_inner().to_string();
+            let message = strip_path_prefix(&message, &field).to_owned();
             Err(ConfigError::Parse {
                 file: file.to_owned(),
                 field,
-                message: e.into_inner().to_string(),
+                message,
             })
         }
+    }
+}
+
+/// The YAML parser starts its messages with its own (coarser) path, as in
+/// `services[0]: unknown field ...`; the error already names the exact field,
+/// so that prefix is dropped rather than shown twice.
+fn strip_path_prefix<'a>(message: &'a str, field: &str) -> &'a str {
+    match message.split_once(": ") {
+        Some((p, rest))
+            if field == p
+                || field
+                    .strip_prefix(p)
+                    .is_some_and(|t| t.starts_with('.') || t.starts_with('[')) =>
+        {
+            rest
+        }
+        _ => message,
     }
 }
 
@@ -499,9 +518,12 @@ impl RawConfig {
             }
             for (ai, a) in s.addresses.iter().enumerate() {
                 if a.is_unspecified() || a.is_multicast() {
+                    bad(format!("{at}.addresses[{ai}]"), "must be a unicast address");
+                }
+                if let Some(v4) = ipv4_mapped(*a) {
                     bad(
                         format!("{at}.addresses[{ai}]"),
-                        "must be a unicast address",
+                        &format!("is an IPv4-mapped IPv6 address: write it as {v4}"),
                     );
                 }
                 if s.addresses[..ai].contains(a) {
@@ -530,9 +552,9 @@ impl RawConfig {
                     bad(format!("{pat}.port"), "is listed twice");
                 }
                 for a in &s.addresses {
-                    if let Some(other) = owners.insert((*a, p.port), si)
-                        && other != si
-                    {
+                    // The first service to claim an address and port keeps it.
+                    let other = *owners.entry((*a, p.port)).or_insert(si);
+                    if other != si {
                         bad(
                             format!("{pat}.port"),
                             &format!("{a} port {} is already used by services[{other}]", p.port),
@@ -554,6 +576,12 @@ impl RawConfig {
                 }
                 if e.address.is_unspecified() || e.address.is_multicast() {
                     bad(format!("{eat}.address"), "must be a unicast address");
+                }
+                if let Some(v4) = ipv4_mapped(e.address) {
+                    bad(
+                        format!("{eat}.address"),
+                        &format!("is an IPv4-mapped IPv6 address: write it as {v4}"),
+                    );
                 }
                 if s.addresses.contains(&e.address) {
                     bad(
@@ -619,6 +647,16 @@ impl RawConfig {
             },
             services,
         })
+    }
+}
+
+/// `::ffff:a.b.c.d` as `a.b.c.d`. Such an address is the same destination as
+/// its IPv4 form (capture and lookups treat it so), so accepting both
+/// spellings would hide overlaps and loops from the checks above.
+fn ipv4_mapped(a: IpAddr) -> Option<std::net::Ipv4Addr> {
+    match a {
+        IpAddr::V6(v6) => v6.to_ipv4_mapped(),
+        IpAddr::V4(_) => None,
     }
 }
 

@@ -1,0 +1,864 @@
+//! Configuration parsing and validation: the documented example, the
+//! defaults, and every kind of invalid input with its exact field path.
+
+use std::net::{Ipv4Addr, Ipv6Addr};
+
+use super::*;
+
+const EXAMPLE: &str = include_str!("../../../deploy/examples/ferry.yaml");
+
+/// Capture off, so a test can look at one rule without the capture ones.
+const NO_CAPTURE: &str = "capture: { enabled: false }\n";
+
+fn ip(s: &str) -> IpAddr {
+    s.parse().expect("test address")
+}
+
+fn ok(text: &str) -> Config {
+    match parse(text, "test.yaml") {
+        Ok(c) => c,
+        Err(e) => panic!("expected a valid config, got: {e}"),
+    }
+}
+
+/// Every violation, rendered as `path: reason`, in the order reported.
+fn violations(text: &str) -> Vec<String> {
+    match parse(text, "test.yaml") {
+        Err(ConfigError::Invalid { file, violations }) => {
+            assert_eq!(file, "test.yaml");
+            violations.iter().map(ToString::to_string).collect()
+        }
+        other => panic!("expected validation errors, got {other:?}"),
+    }
+}
+
+/// The (field, message) of a parse error.
+fn parse_error(text: &str) -> (String, String) {
+    match parse(text, "test.yaml") {
+        Err(ConfigError::Parse {
+            file,
+            field,
+            message,
+        }) => {
+            assert_eq!(file, "test.yaml");
+            (field, message)
+        }
+        other => panic!("expected a parse error, got {other:?}"),
+    }
+}
+
+/// One service with the given YAML body lines (indented under `- `).
+fn services(body: &str) -> String {
+    format!("{NO_CAPTURE}services:\n{body}")
+}
+
+// ---------------------------------------------------------------------------
+// The documented example and the defaults.
+// ---------------------------------------------------------------------------
+
+#[test]
+fn example_file_parses_with_documented_values() {
+    let c = ok(EXAMPLE);
+    let expected = Config {
+        node_name: "node-a".into(),
+        listeners: Listeners {
+            outbound: "[::]:15001".parse().unwrap(),
+            metrics: "0.0.0.0:15020".parse().unwrap(),
+            readiness: "0.0.0.0:15021".parse().unwrap(),
+        },
+        capture: Capture {
+            enabled: true,
+            cgroups: vec!["ferry-demo/pods".into()],
+            redirect_ipv4: Some(Ipv4Addr::new(10, 77, 1, 1)),
+            redirect_ipv6: Some("fd77:1::1".parse::<Ipv6Addr>().unwrap()),
+            bypass_mark: 0x539,
+            ebpf_log: false,
+        },
+        proxy: Proxy {
+            connect_timeout: Duration::from_secs(5),
+            drain_deadline: Duration::from_secs(30),
+        },
+        services: vec![Service {
+            name: "web".into(),
+            namespace: "default".into(),
+            addresses: vec![ip("10.96.0.20"), ip("fd96::20")],
+            ports: vec![Port {
+                port: 80,
+                target_port: 8080,
+            }],
+            endpoints: vec![
+                Endpoint {
+                    address: ip("10.77.1.11"),
+                    weight: 60,
+                },
+                Endpoint {
+                    address: ip("10.77.1.12"),
+                    weight: 30,
+                },
+                Endpoint {
+                    address: ip("10.77.1.13"),
+                    weight: 10,
+                },
+            ],
+        }],
+    };
+    assert_eq!(c, expected);
+    assert_eq!(c.services[0].key(), "default/web");
+}
+
+#[test]
+fn example_file_documents_the_real_defaults() {
+    // The example says every key is shown with its default unless marked
+    // required: the code's defaults must be those values.
+    let example = ok(EXAMPLE);
+    let minimal = ok("capture:
+  cgroups: [ferry-demo/pods]
+  redirect_ipv4: 10.77.1.1
+  redirect_ipv6: \"fd77:1::1\"
+services:
+  - name: web
+    addresses: [10.96.0.20, \"fd96::20\"]
+    ports: [{ port: 80, target_port: 8080 }]
+    endpoints:
+      - { address: 10.77.1.11, weight: 60 }
+      - { address: 10.77.1.12, weight: 30 }
+      - { address: 10.77.1.13, weight: 10 }
+");
+    assert_eq!(minimal.listeners, example.listeners);
+    assert_eq!(minimal.capture, example.capture);
+    assert_eq!(minimal.proxy, example.proxy);
+    assert_eq!(minimal.services, example.services);
+}
+
+#[test]
+fn defaults() {
+    let c = ok(&services(
+        "  - name: db
+    addresses: [10.96.0.30]
+    ports: [{ port: 5432 }]
+    endpoints: [{ address: 10.1.0.7 }]
+",
+    ));
+    assert_eq!(c.listeners.outbound, "[::]:15001".parse().unwrap());
+    assert_eq!(c.listeners.metrics, "0.0.0.0:15020".parse().unwrap());
+    assert_eq!(c.listeners.readiness, "0.0.0.0:15021".parse().unwrap());
+    assert_eq!(c.capture.bypass_mark, 0x539);
+    assert_eq!(c.capture.bypass_mark, DEFAULT_BYPASS_MARK);
+    assert!(!c.capture.ebpf_log);
+    assert!(c.capture.cgroups.is_empty());
+    assert_eq!(c.proxy.drain_deadline, Duration::from_secs(30));
+    assert_eq!(c.proxy.connect_timeout, Duration::from_secs(5));
+    // Without node.name, the host name (never empty).
+    assert!(!c.node_name.is_empty());
+    assert_eq!(c.node_name, hostname());
+
+    let s = &c.services[0];
+    assert_eq!(s.namespace, "default");
+    assert_eq!(s.key(), "default/db");
+    assert_eq!(
+        s.ports,
+        vec![Port {
+            port: 5432,
+            target_port: 5432
+        }]
+    );
+    assert_eq!(
+        s.endpoints,
+        vec![Endpoint {
+            address: ip("10.1.0.7"),
+            weight: 1
+        }]
+    );
+}
+
+#[test]
+fn capture_is_enabled_by_default() {
+    let c = ok("capture: { cgroups: [pods], redirect_ipv4: 10.0.0.1 }\n");
+    assert!(c.capture.enabled);
+    assert_eq!(c.capture.redirect_ipv4, Some(Ipv4Addr::new(10, 0, 0, 1)));
+    assert_eq!(c.capture.redirect_ipv6, None);
+    assert!(c.services.is_empty());
+}
+
+#[test]
+fn explicit_values_override_defaults() {
+    let c = ok("node: { name: n1 }
+listeners:
+  outbound: \"127.0.0.1:7001\"
+  metrics: \"127.0.0.1:7002\"
+  readiness: \"127.0.0.1:7003\"
+capture: { enabled: false, bypass_mark: 7, ebpf_log: true }
+proxy: { connect_timeout: 250ms, drain_deadline: 1m30s }
+services:
+  - name: web
+    namespace: shop
+    addresses: [10.96.0.20]
+    ports: [{ port: 80, target_port: 8080, protocol: tcp }]
+    endpoints: [{ address: 10.1.0.5, weight: 1000000 }]
+");
+    assert_eq!(c.node_name, "n1");
+    assert_eq!(c.listeners.outbound, "127.0.0.1:7001".parse().unwrap());
+    assert_eq!(c.listeners.metrics, "127.0.0.1:7002".parse().unwrap());
+    assert_eq!(c.listeners.readiness, "127.0.0.1:7003".parse().unwrap());
+    assert!(!c.capture.enabled);
+    assert_eq!(c.capture.bypass_mark, 7);
+    assert!(c.capture.ebpf_log);
+    assert_eq!(c.proxy.connect_timeout, Duration::from_millis(250));
+    assert_eq!(c.proxy.drain_deadline, Duration::from_secs(90));
+    assert_eq!(c.services[0].key(), "shop/web");
+    assert_eq!(c.services[0].ports[0].target_port, 8080);
+    assert_eq!(c.services[0].endpoints[0].weight, 1_000_000);
+}
+
+#[test]
+fn load_reads_a_file_and_names_it_in_errors() {
+    let dir = tempfile::tempdir().unwrap();
+    let good = dir.path().join("good.yaml");
+    std::fs::write(&good, EXAMPLE).unwrap();
+    assert_eq!(load(&good).unwrap(), ok(EXAMPLE));
+
+    let bad = dir.path().join("bad.yaml");
+    std::fs::write(&bad, "").unwrap();
+    let e = load(&bad).unwrap_err();
+    assert!(
+        e.to_string()
+            .starts_with(&format!("{}: invalid configuration:", bad.display())),
+        "{e}"
+    );
+
+    let missing = dir.path().join("missing.yaml");
+    match load(&missing) {
+        Err(ConfigError::Read { path, source }) => {
+            assert_eq!(path, missing);
+            assert_eq!(source.kind(), std::io::ErrorKind::NotFound);
+        }
+        other => panic!("expected a read error, got {other:?}"),
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Parse errors: the exact path of the offending field.
+// ---------------------------------------------------------------------------
+
+#[test]
+fn unknown_field_is_named_by_path() {
+    let (field, message) = parse_error(&services(
+        "  - name: web
+    addresses: [10.96.0.20]
+    ports: [{ port: 80 }]
+    endpoint: [{ address: 10.1.0.5 }]
+",
+    ));
+    assert_eq!(field, "services[0].endpoint");
+    assert!(
+        message.starts_with("unknown field `endpoint`, expected one of"),
+        "{message}"
+    );
+
+    let (field, _) = parse_error("capture: { cgroup: [pods] }\n");
+    assert_eq!(field, "capture.cgroup");
+    let (field, _) = parse_error(&services(
+        "  - name: web\n    ports: [{ port: 80, targetPort: 8080 }]\n",
+    ));
+    assert_eq!(field, "services[0].ports[0].targetPort");
+    let (field, message) = parse_error("service: []\n");
+    assert_eq!(field, "service");
+    assert!(message.starts_with("unknown field `service`"), "{message}");
+}
+
+#[test]
+fn parse_error_names_the_field_once() {
+    // The YAML parser prefixes its own, coarser path ("services[0]: ...");
+    // the error must not show a second, contradicting path.
+    let e = parse(&services("  - name: web\n    endpoint: []\n"), "test.yaml").unwrap_err();
+    assert_eq!(
+        e.to_string(),
+        "test.yaml: services[0].endpoint: unknown field `endpoint`, expected one of \
+         `name`, `namespace`, `addresses`, `ports`, `endpoints` at line 4 column 5"
+    );
+    let e = parse("proxy: { connect_timeout: 5 }\n", "test.yaml").unwrap_err();
+    assert_eq!(
+        e.to_string(),
+        "test.yaml: proxy.connect_timeout: invalid duration \"5\": time unit needed, \
+         for example 5sec or 5ms at line 1 column 8"
+    );
+}
+
+#[test]
+fn bad_ip_strings() {
+    let (field, message) = parse_error(&services(
+        "  - name: web\n    addresses: [10.96.0.20, 10.96.0.300]\n",
+    ));
+    assert_eq!(field, "services[0].addresses[1]");
+    assert!(message.contains("invalid IP address syntax"), "{message}");
+
+    let (field, message) = parse_error(&services(
+        "  - name: web
+    endpoints:
+      - { address: 10.1.0.5 }
+      - { address: not-an-ip }
+",
+    ));
+    assert_eq!(field, "services[0].endpoints[1].address");
+    assert!(message.contains("invalid IP address syntax"), "{message}");
+
+    let (field, _) = parse_error("capture: { redirect_ipv4: 10.0.0 }\n");
+    assert_eq!(field, "capture.redirect_ipv4");
+
+    // A listener needs a port too.
+    let (field, message) = parse_error("listeners: { metrics: \"0.0.0.0\" }\n");
+    assert_eq!(field, "listeners.metrics");
+    assert!(
+        message.contains("invalid socket address syntax"),
+        "{message}"
+    );
+}
+
+#[test]
+fn bad_durations() {
+    for (text, field, needle) in [
+        (
+            "proxy: { connect_timeout: 5 }\n",
+            "proxy.connect_timeout",
+            "invalid duration \"5\"",
+        ),
+        (
+            "proxy: { connect_timeout: fivesec }\n",
+            "proxy.connect_timeout",
+            "invalid duration \"fivesec\"",
+        ),
+        (
+            "proxy: { drain_deadline: 30 parsecs }\n",
+            "proxy.drain_deadline",
+            "invalid duration \"30 parsecs\"",
+        ),
+        (
+            "proxy: { drain_deadline: -1s }\n",
+            "proxy.drain_deadline",
+            "invalid duration \"-1s\"",
+        ),
+    ] {
+        let (f, message) = parse_error(text);
+        assert_eq!(f, field, "{text}");
+        assert!(message.contains(needle), "{text}: {message}");
+    }
+}
+
+#[test]
+fn out_of_range_numbers() {
+    let (field, message) = parse_error(&services("  - name: web\n    ports: [{ port: 65536 }]\n"));
+    assert_eq!(field, "services[0].ports[0].port");
+    assert!(message.contains("expected u16"), "{message}");
+
+    let (field, message) = parse_error(&services(
+        "  - name: web\n    endpoints: [{ address: 10.1.0.5, weight: -1 }]\n",
+    ));
+    assert_eq!(field, "services[0].endpoints[0].weight");
+    assert!(message.contains("expected u32"), "{message}");
+}
+
+#[test]
+fn missing_required_field() {
+    let (field, message) = parse_error(&services("  - name: web\n  - addresses: [10.96.0.21]\n"));
+    assert_eq!(field, "services[1]");
+    assert!(message.starts_with("missing field `name`"), "{message}");
+}
+
+#[test]
+fn yaml_syntax_error() {
+    let (field, message) = parse_error("services: [\n");
+    assert_eq!(field, "services");
+    assert!(message.contains("line 2"), "{message}");
+
+    // Tabs may not indent YAML.
+    let (_, message) = parse_error("capture:\n\tenabled: false\n");
+    assert!(message.contains("line 2"), "{message}");
+
+    // A wrong shape: a scalar where a mapping belongs.
+    let (field, message) = parse_error("node: node-a\n");
+    assert_eq!(field, "node");
+    assert!(message.contains("invalid type"), "{message}");
+
+    // A document that is just null is not a configuration.
+    let (field, _) = parse_error("~\n");
+    assert_eq!(field, "(top level)");
+}
+
+// ---------------------------------------------------------------------------
+// Validation: every rule, with its field path and reason.
+// ---------------------------------------------------------------------------
+
+#[test]
+fn empty_file_means_defaults_and_needs_capture_settings() {
+    // An empty file is all defaults: capture enabled, with no cgroups and no
+    // redirect address, which is not a working configuration.
+    let expected = vec![
+        "capture.cgroups: must name at least one cgroup to enroll when capture is enabled"
+            .to_owned(),
+        "capture: needs redirect_ipv4 and/or redirect_ipv6 when capture is enabled".to_owned(),
+    ];
+    assert_eq!(violations(""), expected);
+    assert_eq!(violations("# nothing but a comment\n"), expected);
+    assert_eq!(violations("---\n"), expected);
+    // With capture off, an empty service list is fine.
+    let c = ok(NO_CAPTURE);
+    assert!(c.services.is_empty());
+}
+
+#[test]
+fn zero_weight() {
+    let text = services(
+        "  - name: a
+    addresses: [10.96.0.1]
+    ports: [{ port: 80 }]
+    endpoints: [{ address: 10.1.0.1, weight: 5 }]
+  - name: b
+    addresses: [10.96.0.2]
+    ports: [{ port: 80 }]
+    endpoints: [{ address: 10.1.0.2 }]
+  - name: c
+    addresses: [10.96.0.3]
+    ports: [{ port: 80 }]
+    endpoints: [{ address: 10.1.0.3, weight: 0 }, { address: 10.1.0.4, weight: 2 }]
+",
+    );
+    assert_eq!(
+        violations(&text),
+        ["services[2].endpoints[0].weight: must be greater than 0"]
+    );
+    let e = parse(&text, "ferry.yaml").unwrap_err();
+    assert_eq!(
+        e.to_string(),
+        "ferry.yaml: invalid configuration:\n  services[2].endpoints[0].weight: must be greater than 0"
+    );
+}
+
+#[test]
+fn weight_upper_bound() {
+    assert_eq!(
+        violations(&services(
+            "  - name: a
+    addresses: [10.96.0.1]
+    ports: [{ port: 80 }]
+    endpoints: [{ address: 10.1.0.1, weight: 1000001 }]
+"
+        )),
+        ["services[0].endpoints[0].weight: must be at most 1000000"]
+    );
+}
+
+#[test]
+fn port_zero() {
+    assert_eq!(
+        violations(&services(
+            "  - name: a
+    addresses: [10.96.0.1]
+    ports: [{ port: 80 }, { port: 0 }, { port: 81, target_port: 0 }]
+"
+        )),
+        [
+            "services[0].ports[1].port: must be between 1 and 65535",
+            "services[0].ports[2].target_port: must be between 1 and 65535",
+        ]
+    );
+    assert_eq!(
+        violations("capture: { enabled: false }\nlisteners: { outbound: \"[::]:0\" }\n"),
+        ["listeners.outbound: port must not be 0"]
+    );
+}
+
+#[test]
+fn duplicate_service_name() {
+    let text = services(
+        "  - name: web
+    addresses: [10.96.0.1]
+    ports: [{ port: 80 }]
+  - name: web
+    namespace: shop
+    addresses: [10.96.0.2]
+    ports: [{ port: 80 }]
+  - name: web
+    addresses: [10.96.0.3]
+    ports: [{ port: 80 }]
+",
+    );
+    // The same name in another namespace is a different service.
+    assert_eq!(
+        violations(&text),
+        ["services[2].name: default/web is already defined by services[0]"]
+    );
+}
+
+#[test]
+fn service_address_and_port_claimed_twice() {
+    let text = services(
+        "  - name: a
+    addresses: [10.96.0.1, \"fd96::1\"]
+    ports: [{ port: 80 }, { port: 443 }]
+  - name: b
+    addresses: [10.96.0.2, \"fd96::1\"]
+    ports: [{ port: 8080 }, { port: 443 }]
+",
+    );
+    // fd96::1 port 443 is both a's and b's; 10.96.0.1 and 10.96.0.2 are not
+    // shared, and fd96::1 port 8080 belongs to b alone.
+    assert_eq!(
+        violations(&text),
+        ["services[1].ports[1].port: fd96::1 port 443 is already used by services[0]"]
+    );
+    // A third claimant is told about the first owner, and an endpoint of the
+    // first owner on its own address is reported once, as its own address,
+    // not as belonging to a later claimant.
+    let text = services(
+        "  - name: a
+    addresses: [10.96.0.1]
+    ports: [{ port: 80 }]
+    endpoints: [{ address: 10.96.0.1 }]
+  - name: b
+    addresses: [10.96.0.1]
+    ports: [{ port: 80 }]
+  - name: c
+    addresses: [10.96.0.1]
+    ports: [{ port: 80 }]
+",
+    );
+    assert_eq!(
+        violations(&text),
+        [
+            "services[0].endpoints[0].address: is one of the service's own addresses (it would loop)",
+            "services[1].ports[0].port: 10.96.0.1 port 80 is already used by services[0]",
+            "services[2].ports[0].port: 10.96.0.1 port 80 is already used by services[0]",
+        ]
+    );
+}
+
+#[test]
+fn duplicates_inside_one_service() {
+    assert_eq!(
+        violations(&services(
+            "  - name: a
+    addresses: [10.96.0.1, 10.96.0.1]
+    ports: [{ port: 80 }, { port: 80, target_port: 81 }]
+    endpoints: [{ address: 10.1.0.1 }, { address: 10.1.0.1, weight: 3 }]
+"
+        )),
+        [
+            "services[0].addresses[1]: is listed twice",
+            "services[0].ports[1].port: is listed twice",
+            "services[0].endpoints[1].address: is listed twice",
+        ]
+    );
+}
+
+#[test]
+fn endpoint_equal_to_a_service_address() {
+    // Its own address: the proxy would connect to itself.
+    assert_eq!(
+        violations(&services(
+            "  - name: a
+    addresses: [10.96.0.1]
+    ports: [{ port: 80 }]
+    endpoints: [{ address: 10.1.0.1 }, { address: 10.96.0.1 }]
+"
+        )),
+        ["services[0].endpoints[1].address: is one of the service's own addresses (it would loop)"]
+    );
+    // Another service's address and port: the connection would be captured
+    // again. The endpoint is dialled at the target port, so that is the port
+    // that matters.
+    let text = services(
+        "  - name: a
+    addresses: [10.96.0.1]
+    ports: [{ port: 80, target_port: 8080 }]
+    endpoints: [{ address: 10.96.0.2 }]
+  - name: b
+    addresses: [10.96.0.2]
+    ports: [{ port: 8080 }]
+    endpoints: [{ address: 10.1.0.2 }]
+",
+    );
+    assert_eq!(
+        violations(&text),
+        [
+            "services[0].endpoints[0].address: 10.96.0.2:8080 is a service address of \
+             services[1]; endpoints must be workload addresses"
+        ]
+    );
+    // The same address on a port that is not a service port is allowed.
+    ok(&services(
+        "  - name: a
+    addresses: [10.96.0.1]
+    ports: [{ port: 80 }]
+    endpoints: [{ address: 10.96.0.2 }]
+  - name: b
+    addresses: [10.96.0.2]
+    ports: [{ port: 8080 }]
+",
+    ));
+}
+
+#[test]
+fn ipv4_mapped_addresses_are_rejected() {
+    // `::ffff:10.96.0.1` is 10.96.0.1 to capture and to lookups; accepting
+    // the spelling would let a loop or an overlap slip past the checks.
+    assert_eq!(
+        violations(&services(
+            "  - name: a
+    addresses: [10.96.0.1]
+    ports: [{ port: 80 }]
+    endpoints: [{ address: \"::ffff:10.96.0.2\" }]
+  - name: b
+    addresses: [10.96.0.2]
+    ports: [{ port: 80 }]
+  - name: c
+    addresses: [\"::ffff:10.96.0.1\"]
+    ports: [{ port: 80 }]
+"
+        )),
+        [
+            "services[0].endpoints[0].address: is an IPv4-mapped IPv6 address: write it as 10.96.0.2",
+            "services[2].addresses[0]: is an IPv4-mapped IPv6 address: write it as 10.96.0.1",
+        ]
+    );
+}
+
+#[test]
+fn unsupported_protocol() {
+    assert_eq!(
+        violations(&services(
+            "  - name: dns
+    addresses: [10.96.0.10]
+    ports: [{ port: 53, protocol: UDP }, { port: 54, protocol: SCTP }, { port: 55, protocol: tcp }]
+"
+        )),
+        [
+            "services[0].ports[0].protocol: \"UDP\" is not supported (only TCP)",
+            "services[0].ports[1].protocol: \"SCTP\" is not supported (only TCP)",
+        ]
+    );
+}
+
+#[test]
+fn unusable_service_fields() {
+    assert_eq!(
+        violations(&services(
+            "  - name: Web_1
+    namespace: \"-shop\"
+    addresses: [224.0.0.1, \"::\"]
+    ports: [{ port: 80 }]
+    endpoints: [{ address: \"ff02::1\" }, { address: 0.0.0.0 }]
+  - name: empty
+"
+        )),
+        [
+            "services[0].name: must be a DNS label: 1-63 of a-z, 0-9 and '-', not starting or ending with '-'",
+            "services[0].namespace: must be a DNS label",
+            "services[0].addresses[0]: must be a unicast address",
+            "services[0].addresses[1]: must be a unicast address",
+            "services[0].endpoints[0].address: must be a unicast address",
+            "services[0].endpoints[1].address: must be a unicast address",
+            "services[1].addresses: must list at least one IPv4 or IPv6 address",
+            "services[1].ports: must list at least one port",
+        ]
+    );
+    let long = "a".repeat(64);
+    assert_eq!(
+        violations(&services(&format!(
+            "  - name: {long}\n    addresses: [10.96.0.1]\n    ports: [{{ port: 80 }}]\n"
+        ))),
+        [
+            "services[0].name: must be a DNS label: 1-63 of a-z, 0-9 and '-', not starting or ending with '-'"
+        ]
+    );
+    // 63 characters is the limit, not over it.
+    ok(&services(&format!(
+        "  - name: {}\n    addresses: [10.96.0.1]\n    ports: [{{ port: 80 }}]\n",
+        "a".repeat(63)
+    )));
+}
+
+#[test]
+fn capture_enabled_needs_cgroups_and_a_redirect_address() {
+    assert_eq!(
+        violations("capture: { enabled: true, redirect_ipv4: 10.0.0.1 }\n"),
+        ["capture.cgroups: must name at least one cgroup to enroll when capture is enabled"]
+    );
+    assert_eq!(
+        violations("capture: { cgroups: [pods] }\n"),
+        ["capture: needs redirect_ipv4 and/or redirect_ipv6 when capture is enabled"]
+    );
+    assert_eq!(
+        violations("capture: { cgroups: [pods], redirect_ipv4: 10.0.0.1, bypass_mark: 0 }\n"),
+        ["capture.bypass_mark: must not be 0 (0 is the mark of every unmarked socket)"]
+    );
+    // Disabled capture needs none of them.
+    let c = ok("capture: { enabled: false, bypass_mark: 0 }\n");
+    assert_eq!(c.capture.bypass_mark, 0);
+}
+
+#[test]
+fn redirect_addresses_of_the_wrong_family() {
+    assert_eq!(
+        violations("capture: { cgroups: [pods], redirect_ipv4: \"fd77:1::1\" }\n"),
+        ["capture.redirect_ipv4: must be an IPv4 address"]
+    );
+    assert_eq!(
+        violations("capture: { cgroups: [pods], redirect_ipv6: 10.77.1.1 }\n"),
+        ["capture.redirect_ipv6: must be an IPv6 address"]
+    );
+    assert_eq!(
+        violations("capture: { cgroups: [pods], redirect_ipv4: 0.0.0.0, redirect_ipv6: \"::\" }\n"),
+        [
+            "capture.redirect_ipv4: must be a concrete address of this node, not 0.0.0.0",
+            "capture.redirect_ipv6: must be a concrete address of this node, not ::",
+        ]
+    );
+    // The family is checked even with capture off.
+    assert_eq!(
+        violations("capture: { enabled: false, redirect_ipv4: \"::1\" }\n"),
+        ["capture.redirect_ipv4: must be an IPv4 address"]
+    );
+}
+
+#[test]
+fn outbound_listener_must_be_reachable_for_the_redirected_families() {
+    assert_eq!(
+        violations(
+            "listeners: { outbound: \"0.0.0.0:15001\" }
+capture: { cgroups: [pods], redirect_ipv4: 10.0.0.1, redirect_ipv6: \"fd00::1\" }
+"
+        ),
+        [
+            "listeners.outbound: is IPv4 but capture.redirect_ipv6 is set: use [::]:PORT to accept both families"
+        ]
+    );
+    assert_eq!(
+        violations(
+            "listeners: { outbound: \"[fd00::1]:15001\" }
+capture: { cgroups: [pods], redirect_ipv4: 10.0.0.1 }
+"
+        ),
+        [
+            "listeners.outbound: is a concrete IPv6 address but capture.redirect_ipv4 is set: IPv4 clients could not reach it"
+        ]
+    );
+    // The IPv6 wildcard is dual-stack and serves both.
+    ok("listeners: { outbound: \"[::]:15001\" }
+capture: { cgroups: [pods], redirect_ipv4: 10.0.0.1, redirect_ipv6: \"fd00::1\" }
+");
+    ok("listeners: { outbound: \"0.0.0.0:15001\" }
+capture: { cgroups: [pods], redirect_ipv4: 10.0.0.1 }
+");
+}
+
+#[test]
+fn listener_port_collisions() {
+    // 0.0.0.0 overlaps the dual-stack [::] on the same port.
+    assert_eq!(
+        violations(
+            "capture: { enabled: false }
+listeners: { metrics: \"0.0.0.0:15001\" }
+"
+        ),
+        ["listeners.metrics: 0.0.0.0:15001 collides with listeners.outbound ([::]:15001)"]
+    );
+    assert_eq!(
+        violations(
+            "capture: { enabled: false }
+listeners: { outbound: \"127.0.0.1:9000\", metrics: \"127.0.0.1:9000\", readiness: \"0.0.0.0:9000\" }
+"
+        ),
+        [
+            "listeners.metrics: 127.0.0.1:9000 collides with listeners.outbound (127.0.0.1:9000)",
+            "listeners.readiness: 0.0.0.0:9000 collides with listeners.outbound (127.0.0.1:9000)",
+            "listeners.readiness: 0.0.0.0:9000 collides with listeners.metrics (127.0.0.1:9000)",
+        ]
+    );
+    // Different concrete addresses may share a port; port 0 (any free port)
+    // never collides.
+    ok("capture: { enabled: false }
+listeners: { outbound: \"127.0.0.1:9000\", metrics: \"127.0.0.2:9000\", readiness: \"127.0.0.2:0\" }
+");
+    ok("capture: { enabled: false }
+listeners: { metrics: \"127.0.0.1:0\", readiness: \"127.0.0.1:0\" }
+");
+}
+
+#[test]
+fn cgroup_paths() {
+    assert_eq!(
+        violations(
+            "capture:
+  redirect_ipv4: 10.0.0.1
+  cgroups: [pods, \"../escape\", \"a/../b\", \"/sys/fs/cgroup/..\", \"\", \"  \", \"..x/y..\"]
+"
+        ),
+        [
+            "capture.cgroups[1]: must not contain '..'",
+            "capture.cgroups[2]: must not contain '..'",
+            "capture.cgroups[3]: must not contain '..'",
+            "capture.cgroups[4]: must not be empty",
+            "capture.cgroups[5]: must not be empty",
+        ]
+    );
+}
+
+#[test]
+fn node_name_and_connect_timeout() {
+    assert_eq!(
+        violations(
+            "capture: { enabled: false }
+node: { name: \" \" }
+proxy: { connect_timeout: 0s, drain_deadline: 0s }
+"
+        ),
+        [
+            "node.name: must not be empty",
+            "proxy.connect_timeout: must be greater than 0",
+        ]
+    );
+}
+
+#[test]
+fn all_violations_are_reported_at_once() {
+    let text = "listeners:
+  metrics: \"0.0.0.0:15021\"
+capture:
+  cgroups: [\"../x\"]
+  redirect_ipv4: \"fd00::1\"
+proxy:
+  connect_timeout: 0s
+services:
+  - name: web
+    addresses: [10.96.0.20]
+    ports: [{ port: 0 }, { port: 80, protocol: UDP }]
+    endpoints: [{ address: 10.1.0.1, weight: 0 }, { address: 10.96.0.20 }]
+  - name: api
+    addresses: [10.96.0.20]
+    ports: [{ port: 80 }]
+  - name: web
+    addresses: [10.96.0.21]
+    ports: [{ port: 81 }]
+    endpoints: [{ address: 10.1.0.2, weight: 0 }]
+";
+    assert_eq!(
+        violations(text),
+        [
+            "listeners.readiness: 0.0.0.0:15021 collides with listeners.metrics (0.0.0.0:15021)",
+            "capture.redirect_ipv4: must be an IPv4 address",
+            "capture.cgroups[0]: must not contain '..'",
+            "proxy.connect_timeout: must be greater than 0",
+            "services[0].ports[0].port: must be between 1 and 65535",
+            "services[0].ports[1].protocol: \"UDP\" is not supported (only TCP)",
+            "services[0].endpoints[0].weight: must be greater than 0",
+            "services[0].endpoints[1].address: is one of the service's own addresses (it would loop)",
+            "services[1].ports[0].port: 10.96.0.20 port 80 is already used by services[0]",
+            "services[2].name: default/web is already defined by services[0]",
+            "services[2].endpoints[0].weight: must be greater than 0",
+        ]
+    );
+    // The rendered error lists every one of them, one per line.
+    let e = parse(text, "ferry.yaml").unwrap_err().to_string();
+    assert_eq!(e.lines().count(), 1 + 11, "{e}");
+    assert!(e.starts_with("ferry.yaml: invalid configuration:\n  listeners.readiness: "));
+}
