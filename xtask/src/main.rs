@@ -1,1 +1,120 @@
-fn main(){}
+//! Ferry's developer tasks, run as `cargo xtask <command>` (an alias in
+//! `.cargo/config.toml`).
+//!
+//! Each task lives in its own module; this file only parses the command line
+//! and dispatches.
+
+mod ebpf;
+mod setup;
+mod test;
+mod util;
+
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "cargo xtask",
+    bin_name = "cargo xtask",
+    about = "Ferry's developer tasks",
+    long_about = "Ferry's developer tasks.\n\n\
+        Start with `cargo xtask setup` (installs the eBPF toolchain and the test tools when \
+        missing; needs root for apt), then `cargo xtask build-ebpf`, or run everything CI \
+        runs with `cargo xtask test`."
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Task,
+}
+
+#[derive(Subcommand, Debug)]
+enum Task {
+    /// Install what building and testing needs, when missing (idempotent).
+    ///
+    /// The eBPF toolchain: the rust-src component, Debian's LLVM 22 packages
+    /// (llvm-22-dev libpolly-22-dev libzstd-dev zlib1g-dev) and bpf-linker
+    /// 0.13 built against them. The runtime tools the tests and the demo use:
+    /// iproute2 curl iperf3 wrk haproxy bpftool tshark. Each piece is checked
+    /// first; apt-get runs only when a package is missing (and needs root).
+    Setup(setup::SetupArgs),
+
+    /// Build the eBPF programs (runs the eBPF part of setup first).
+    ///
+    /// Builds ebpf/programs with `RUSTC_BOOTSTRAP=1 cargo build -Z
+    /// build-std=core --target bpfel-unknown-none --release` into
+    /// <target>/ebpf, where <target> is $CARGO_TARGET_DIR or
+    /// <workspace>/target. The object, target/ebpf/bpfel-unknown-none/release/ferry-ebpf,
+    /// is what the agent embeds at build time. Host settings such as
+    /// RUSTFLAGS are not passed to this build.
+    BuildEbpf(ebpf::BuildEbpfArgs),
+
+    /// Run the whole test suite, as CI does.
+    ///
+    /// Runs setup, build-ebpf, `cargo build --workspace --all-targets` (so
+    /// the agent embeds the fresh object) and `cargo test --workspace`.
+    /// With CI=true, tests that need root fail instead of skipping
+    /// (FERRY_REQUIRE_ROOT_TESTS=1). Exits non-zero when any step fails.
+    Test(test::TestArgs),
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match &cli.command {
+        Task::Setup(args) => setup::run(args).map(drop),
+        Task::BuildEbpf(args) => ebpf::run(args).map(drop),
+        Task::Test(args) => test::run(args),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) => {
+            // Not `{err:?}`: with RUST_BACKTRACE set that adds a backtrace,
+            // which says nothing useful about a failed install or build.
+            eprintln!("error: {err}");
+            for cause in err.chain().skip(1) {
+                eprintln!("caused by: {cause}");
+            }
+            ExitCode::FAILURE
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    #[test]
+    fn cli_is_well_formed() {
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn test_passes_extra_args_through() {
+        let cli = Cli::try_parse_from([
+            "xtask",
+            "test",
+            "--",
+            "-p",
+            "ferry-agent",
+            "--",
+            "--nocapture",
+        ])
+        .unwrap();
+        let Task::Test(args) = cli.command else {
+            panic!("parsed as {:?}", cli.command)
+        };
+        assert_eq!(
+            args.cargo_test_args,
+            ["-p", "ferry-agent", "--", "--nocapture"]
+        );
+    }
+
+    #[test]
+    fn build_ebpf_flags() {
+        let cli = Cli::try_parse_from(["xtask", "build-ebpf", "--debug"]).unwrap();
+        assert!(matches!(cli.command, Task::BuildEbpf(ref a) if a.debug));
+        let cli = Cli::try_parse_from(["xtask", "setup", "--ebpf-only", "--dry-run"]).unwrap();
+        assert!(matches!(cli.command, Task::Setup(ref a) if a.ebpf_only && a.dry_run));
+    }
+}
