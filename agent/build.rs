@@ -17,7 +17,13 @@ fn main() {
         None => {
             let target = std::env::var_os("CARGO_TARGET_DIR")
                 .map(PathBuf::from)
-                .map(|t| if t.is_absolute() { t } else { manifest.join("..").join(t) })
+                .map(|t| {
+                    if t.is_absolute() {
+                        t
+                    } else {
+                        manifest.join("..").join(t)
+                    }
+                })
                 .unwrap_or_else(|| manifest.join("../target"));
             target.join("ebpf/bpfel-unknown-none/release/ferry-ebpf")
         }

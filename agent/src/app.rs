@@ -176,7 +176,10 @@ pub async fn run(config: Config, config_path: Option<PathBuf>) -> Result<(), App
     if open > 0 {
         info!(open, deadline = ?deadline, "waiting for open connections");
     }
-    if tokio::time::timeout(deadline, tracker.wait()).await.is_err() {
+    if tokio::time::timeout(deadline, tracker.wait())
+        .await
+        .is_err()
+    {
         warn!(
             open = tracker.len(),
             "drain deadline reached; closing remaining connections"

@@ -64,6 +64,22 @@ fn init_logging(filter: &str, format: LogFormat) -> Result<(), String> {
     r.map_err(|e| format!("cannot initialise logging: {e}"))
 }
 
+/// An error and its sources, `outer: inner: innermost`, skipping a source
+/// whose text its parent already includes.
+pub fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut out = e.to_string();
+    let mut cur = e.source();
+    while let Some(s) = cur {
+        let t = s.to_string();
+        if !out.contains(&t) {
+            out.push_str(": ");
+            out.push_str(&t);
+        }
+        cur = s.source();
+    }
+    out
+}
+
 /// Entry point of the `ferry` binary.
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
@@ -87,7 +103,11 @@ pub fn main() -> ExitCode {
                     config.display(),
                     c.services.len(),
                     c.services.iter().map(|s| s.endpoints.len()).sum::<usize>(),
-                    if c.capture.enabled { "enabled" } else { "disabled" }
+                    if c.capture.enabled {
+                        "enabled"
+                    } else {
+                        "disabled"
+                    }
                 );
                 ExitCode::SUCCESS
             }
@@ -109,8 +129,7 @@ pub fn main() -> ExitCode {
             let cfg = match config::load(&path) {
                 Ok(c) => c,
                 Err(e) => {
-                    tracing::error!("{e}");
-                    eprintln!("error: {e}");
+                    tracing::error!("{}", error_chain(&e));
                     return ExitCode::from(2);
                 }
             };
@@ -129,8 +148,7 @@ pub fn main() -> ExitCode {
             match rt.block_on(crate::app::run(cfg, Some(path))) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {
-                    tracing::error!("{e}");
-                    eprintln!("error: {e}");
+                    tracing::error!("{}", error_chain(&e));
                     ExitCode::FAILURE
                 }
             }

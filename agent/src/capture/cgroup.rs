@@ -7,7 +7,9 @@ use std::path::{Component, Path, PathBuf};
 pub enum CgroupError {
     #[error("cannot read /proc/self/mountinfo: {0}")]
     MountInfo(#[source] std::io::Error),
-    #[error("no cgroup2 file system is mounted (looked in /proc/self/mountinfo); Ferry needs cgroup v2")]
+    #[error(
+        "no cgroup2 file system is mounted (looked in /proc/self/mountinfo); Ferry needs cgroup v2"
+    )]
     NoCgroup2,
     #[error("cgroup {given:?} is not under the cgroup2 mount {mount}")]
     OutsideMount { given: String, mount: PathBuf },
@@ -94,23 +96,47 @@ mod tests {
     fn finds_hybrid_and_unified_mounts() {
         let hybrid = "25 30 0:22 / /sys/fs/cgroup ro,nosuid - tmpfs tmpfs ro,mode=755\n\
                       41 31 0:38 / /sys/fs/cgroup/unified rw,relatime shared:9 - cgroup2 cgroup2 rw\n";
-        assert_eq!(parse_mountinfo(hybrid), Some(PathBuf::from("/sys/fs/cgroup/unified")));
+        assert_eq!(
+            parse_mountinfo(hybrid),
+            Some(PathBuf::from("/sys/fs/cgroup/unified"))
+        );
         let unified = "33 24 0:28 / /sys/fs/cgroup rw,nosuid,nodev,noexec,relatime shared:5 - cgroup2 cgroup2 rw,nsdelegate\n";
-        assert_eq!(parse_mountinfo(unified), Some(PathBuf::from("/sys/fs/cgroup")));
+        assert_eq!(
+            parse_mountinfo(unified),
+            Some(PathBuf::from("/sys/fs/cgroup"))
+        );
         assert_eq!(parse_mountinfo("1 2 0:1 / / rw - ext4 /dev/vda rw\n"), None);
         let escaped = "1 2 0:1 / /mnt/my\\040cgroups rw - cgroup2 none rw\n";
-        assert_eq!(parse_mountinfo(escaped), Some(PathBuf::from("/mnt/my cgroups")));
+        assert_eq!(
+            parse_mountinfo(escaped),
+            Some(PathBuf::from("/mnt/my cgroups"))
+        );
     }
 
     #[test]
     fn resolves_relative_and_rejects_escapes() {
         let dir = tempfile::tempdir().unwrap();
         std::fs::create_dir_all(dir.path().join("a/b")).unwrap();
-        assert_eq!(resolve_cgroup(dir.path(), "a/b").unwrap(), dir.path().join("a/b"));
+        assert_eq!(
+            resolve_cgroup(dir.path(), "a/b").unwrap(),
+            dir.path().join("a/b")
+        );
         let abs = dir.path().join("a").display().to_string();
-        assert_eq!(resolve_cgroup(dir.path(), &abs).unwrap(), dir.path().join("a"));
-        assert!(matches!(resolve_cgroup(dir.path(), "../x"), Err(CgroupError::OutsideMount { .. })));
-        assert!(matches!(resolve_cgroup(dir.path(), "/etc"), Err(CgroupError::OutsideMount { .. })));
-        assert!(matches!(resolve_cgroup(dir.path(), "nope"), Err(CgroupError::Missing { .. })));
+        assert_eq!(
+            resolve_cgroup(dir.path(), &abs).unwrap(),
+            dir.path().join("a")
+        );
+        assert!(matches!(
+            resolve_cgroup(dir.path(), "../x"),
+            Err(CgroupError::OutsideMount { .. })
+        ));
+        assert!(matches!(
+            resolve_cgroup(dir.path(), "/etc"),
+            Err(CgroupError::OutsideMount { .. })
+        ));
+        assert!(matches!(
+            resolve_cgroup(dir.path(), "nope"),
+            Err(CgroupError::Missing { .. })
+        ));
     }
 }

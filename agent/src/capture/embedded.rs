@@ -2,4 +2,5 @@
 //! of `cargo xtask build-ebpf`. Empty when the object had not been built; the
 //! agent then refuses to start capture with a message saying how to build it.
 
-pub(super) static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/ferry-ebpf.o"));
+pub(super) static OBJECT: &[u8] =
+    aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/ferry-ebpf.o"));

@@ -39,7 +39,10 @@ pub enum CaptureError {
     #[error("loading the eBPF object failed (needs root or CAP_BPF + CAP_NET_ADMIN): {0}")]
     Load(#[source] Box<EbpfError>),
     #[error("the eBPF object has no {kind} named {name}")]
-    Missing { kind: &'static str, name: &'static str },
+    Missing {
+        kind: &'static str,
+        name: &'static str,
+    },
     #[error("eBPF program {name}: {source}")]
     Program {
         name: &'static str,
@@ -216,6 +219,8 @@ impl Capture {
                 path: path.clone(),
                 source,
             })?;
+            // BPF links on cgroups always coexist with other programs
+            // (kernel multi-attach semantics); `Single` means "no flags".
             // sock_ops first: by the time a connect can be redirected, its
             // establishment is already tracked.
             {
@@ -228,7 +233,7 @@ impl Capture {
                     })?
                     .try_into()
                     .map_err(prog_err(name))?;
-                prog.attach(dir.as_fd(), CgroupAttachMode::AllowMultiple)
+                prog.attach(dir.as_fd(), CgroupAttachMode::Single)
                     .map_err(prog_err(name))?;
             }
             for name in [names::PROG_CONNECT4, names::PROG_CONNECT6] {
@@ -240,7 +245,7 @@ impl Capture {
                     })?
                     .try_into()
                     .map_err(prog_err(name))?;
-                prog.attach(dir.as_fd(), CgroupAttachMode::AllowMultiple)
+                prog.attach(dir.as_fd(), CgroupAttachMode::Single)
                     .map_err(prog_err(name))?;
             }
             info!(cgroup = %path.display(), "capture attached");
@@ -266,9 +271,7 @@ impl Capture {
             wanted.insert(service_key(addr), ServiceValue { service_id: id });
         }
         for (k, v) in &wanted {
-            services
-                .insert(k, v, 0)
-                .map_err(map_err(names::SERVICES))?;
+            services.insert(k, v, 0).map_err(map_err(names::SERVICES))?;
         }
         let present: Vec<ServiceKey> = services
             .keys()
@@ -298,7 +301,10 @@ impl Capture {
             Ok(true) => {
                 let ip = IpAddr::V6(Ipv6Addr::from(value.addr));
                 Ok(Some(Original {
-                    dst: SocketAddr::new(crate::state::canonical_ip(ip), u16::from_be_bytes(value.port)),
+                    dst: SocketAddr::new(
+                        crate::state::canonical_ip(ip),
+                        u16::from_be_bytes(value.port),
+                    ),
                     service_id: value.service_id,
                 }))
             }
@@ -329,8 +335,7 @@ fn take_map(ebpf: &mut Ebpf, name: &'static str) -> Result<aya::maps::Map, Captu
 
 fn start_logger(ebpf: &mut Ebpf) -> Result<tokio::task::JoinHandle<()>, CaptureError> {
     use tokio::io::{Interest, unix::AsyncFd};
-    let logger =
-        aya_log::EbpfLogger::init(ebpf).map_err(|e| CaptureError::Log(e.to_string()))?;
+    let logger = aya_log::EbpfLogger::init(ebpf).map_err(|e| CaptureError::Log(e.to_string()))?;
     // SAFETY: the logger owns its ring buffer's fd for as long as it lives,
     // and the AsyncFd owns the logger, so the fd stays open and the same for
     // the AsyncFd's whole life.

@@ -216,7 +216,11 @@ pub async fn serve_metrics(listener: TcpListener, metrics: Arc<Metrics>, stop: C
 }
 
 /// Serves `/ready` and `/healthz` until `stop` fires.
-pub async fn serve_readiness(listener: TcpListener, ready: Arc<Readiness>, stop: CancellationToken) {
+pub async fn serve_readiness(
+    listener: TcpListener,
+    ready: Arc<Readiness>,
+    stop: CancellationToken,
+) {
     serve(listener, stop, move |req: Request<Incoming>| {
         let ready = ready.clone();
         async move {

@@ -226,24 +226,26 @@ impl Proxy {
                 return;
             }
         };
-        let observe = ByteCounters {
-            up: self
-                .metrics
-                .bytes
-                .get_or_create(&BytesLabels {
-                    service: svc.key.clone(),
-                    direction: "upstream",
-                })
-                .clone(),
-            down: self
-                .metrics
-                .bytes
-                .get_or_create(&BytesLabels {
-                    service: svc.key.clone(),
-                    direction: "downstream",
-                })
-                .clone(),
-        };
+        // One statement per family access: prometheus-client hands out a read
+        // guard that lives until the end of the statement, and a second
+        // get_or_create in the same statement would wait on it forever.
+        let up = self
+            .metrics
+            .bytes
+            .get_or_create(&BytesLabels {
+                service: svc.key.clone(),
+                direction: "upstream",
+            })
+            .clone();
+        let down = self
+            .metrics
+            .bytes
+            .get_or_create(&BytesLabels {
+                service: svc.key.clone(),
+                direction: "downstream",
+            })
+            .clone();
+        let observe = ByteCounters { up, down };
         let out = relay::relay(client, upstream, &observe).await;
         info!(
             upstream_bytes = out.upstream_bytes,

@@ -87,7 +87,11 @@ pub fn reset(stream: &TcpStream) {
 
 /// Relays until both directions are finished or one side resets; consumes
 /// both streams (they are closed, or reset, on return).
-pub async fn relay(mut client: TcpStream, mut endpoint: TcpStream, observe: &dyn Observe) -> Outcome {
+pub async fn relay(
+    mut client: TcpStream,
+    mut endpoint: TcpStream,
+    observe: &dyn Observe,
+) -> Outcome {
     let mut up = 0u64;
     let mut down = 0u64;
     let mut error = None;

@@ -185,7 +185,10 @@ mod tests {
 
     #[test]
     fn layouts_have_no_implicit_padding() {
-        assert_eq!(core::mem::size_of::<CaptureConfig>(), 4 + 16 + 2 + 2 + 4 + 4);
+        assert_eq!(
+            core::mem::size_of::<CaptureConfig>(),
+            4 + 16 + 2 + 2 + 4 + 4
+        );
         assert_eq!(core::mem::size_of::<ServiceKey>(), 20);
         assert_eq!(core::mem::size_of::<OrigDst>(), 24);
         assert_eq!(core::mem::size_of::<TupleKey>(), 20);

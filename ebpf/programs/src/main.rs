@@ -14,6 +14,8 @@
 #![no_std]
 #![no_main]
 
+use core::ptr::read_volatile;
+
 use aya_ebpf::{
     bindings::{BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB, bpf_sock_addr},
     helpers::bpf_get_socket_cookie,
@@ -21,7 +23,7 @@ use aya_ebpf::{
     maps::{Array, HashMap, LruHashMap, PerCpuArray},
     programs::{SockAddrContext, SockOpsContext},
 };
-use aya_log_ebpf::{debug, warn};
+use aya_log_ebpf::{info, warn};
 use ferry_common::{
     CaptureConfig, Counter, FLAG_LOG, FLAG_V4, FLAG_V6, MAX_IN_FLIGHT, MAX_SERVICES, OrigDst,
     PROTO_TCP, ServiceKey, ServiceValue, TupleKey, v4_mapped,
@@ -81,6 +83,21 @@ fn tcp_socket_mark(sa: *const bpf_sock_addr) -> Option<u32> {
     Some(unsafe { (*sk).mark })
 }
 
+/// Lays out four network-order words as the 16 bytes they are in memory.
+#[inline(always)]
+fn words_to_bytes(w: [u32; 4]) -> [u8; 16] {
+    let (a, b, c, d) = (
+        w[0].to_ne_bytes(),
+        w[1].to_ne_bytes(),
+        w[2].to_ne_bytes(),
+        w[3].to_ne_bytes(),
+    );
+    [
+        a[0], a[1], a[2], a[3], b[0], b[1], b[2], b[3], c[0], c[1], c[2], c[3], d[0], d[1], d[2],
+        d[3],
+    ]
+}
+
 #[cgroup_sock_addr(connect4)]
 pub fn ferry_connect4(ctx: SockAddrContext) -> i32 {
     let sa = ctx.sock_addr;
@@ -134,7 +151,7 @@ pub fn ferry_connect4(ctx: SockAddrContext) -> i32 {
     }
     count(Counter::Connect4Redirected);
     if cfg.flags & FLAG_LOG != 0 {
-        debug!(
+        info!(
             &ctx,
             "connect4 redirected cookie={} service={} port={}",
             cookie,
@@ -160,18 +177,20 @@ pub fn ferry_connect6(ctx: SockAddrContext) -> i32 {
         count(Counter::Connect6Passed);
         return ALLOW;
     }
-    // SAFETY: reading the destination fields of our own context.
-    let (w, port) = unsafe { ((*sa).user_ip6, (*sa).user_port) };
-    let mut addr = [0u8; 16];
-    let mut i = 0;
-    while i < 4 {
-        let b = w[i].to_ne_bytes();
-        addr[i * 4] = b[0];
-        addr[i * 4 + 1] = b[1];
-        addr[i * 4 + 2] = b[2];
-        addr[i * 4 + 3] = b[3];
-        i += 1;
-    }
+    // SAFETY: reading the destination fields of our own context, one 4-byte
+    // load per field at a constant offset, as the verifier requires.
+    let (w, port) = unsafe {
+        (
+            [
+                read_volatile(&raw const (*sa).user_ip6[0]),
+                read_volatile(&raw const (*sa).user_ip6[1]),
+                read_volatile(&raw const (*sa).user_ip6[2]),
+                read_volatile(&raw const (*sa).user_ip6[3]),
+            ],
+            read_volatile(&raw const (*sa).user_port),
+        )
+    };
+    let addr = words_to_bytes(w);
     // A dual-stack socket connecting to an IPv4-mapped address is an IPv4
     // connection on the wire: redirect it to Ferry's IPv4 address.
     let mapped = addr[..10].iter().all(|b| *b == 0) && addr[10] == 0xff && addr[11] == 0xff;
@@ -220,7 +239,7 @@ pub fn ferry_connect6(ctx: SockAddrContext) -> i32 {
     }
     count(Counter::Connect6Redirected);
     if cfg.flags & FLAG_LOG != 0 {
-        debug!(
+        info!(
             &ctx,
             "connect6 redirected cookie={} service={} port={}",
             cookie,
@@ -247,18 +266,18 @@ pub fn ferry_track_established(ctx: SockOpsContext) -> u32 {
     let addr = match ctx.family() {
         AF_INET => v4_mapped(ctx.local_ip4().to_ne_bytes()),
         AF_INET6 => {
-            let w = ctx.local_ip6();
-            let mut a = [0u8; 16];
-            let mut i = 0;
-            while i < 4 {
-                let b = w[i].to_ne_bytes();
-                a[i * 4] = b[0];
-                a[i * 4 + 1] = b[1];
-                a[i * 4 + 2] = b[2];
-                a[i * 4 + 3] = b[3];
-                i += 1;
-            }
-            a
+            let ops = ctx.ops;
+            // SAFETY: one 4-byte load per field of our own context at a
+            // constant offset (the verifier rejects a computed ctx pointer).
+            let w = unsafe {
+                [
+                    read_volatile(&raw const (*ops).local_ip6[0]),
+                    read_volatile(&raw const (*ops).local_ip6[1]),
+                    read_volatile(&raw const (*ops).local_ip6[2]),
+                    read_volatile(&raw const (*ops).local_ip6[3]),
+                ]
+            };
+            words_to_bytes(w)
         }
         _ => {
             count(Counter::SockOpsErrors);
