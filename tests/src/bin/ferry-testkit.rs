@@ -1,1 +1,203 @@
-fn main(){}
+//! Small, real TCP servers and clients for Ferry's integration tests, run
+//! inside the test topology's network namespaces.
+//!
+//! ```text
+//! ferry-testkit serve --id ID --listen ADDR [--mode http|drain-then-reply|reset] [--reply-bytes N]
+//! ferry-testkit halfclose-client --connect ADDR --send N
+//! ```
+//!
+//! * `http`: answers each request (one per connection) with
+//!   `HTTP/1.1 200`, body `id=ID peer=CLIENT_ADDR\n`, then closes.
+//! * `drain-then-reply`: reads until the client's FIN, then sends
+//!   `got=N\n` followed by `--reply-bytes` bytes of a fixed pattern, then FIN.
+//! * `reset`: reads one chunk, then aborts the connection with RST.
+//!
+//! `halfclose-client` sends N bytes, shuts down its write side, reads to the
+//! end and prints `received=BYTES pattern_ok=BOOL end=eof|reset|error:KIND`.
+
+use std::io::{Read, Write};
+use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
+use std::time::Duration;
+
+use anyhow::{Context, Result, bail};
+
+fn arg(args: &[String], name: &str) -> Option<String> {
+    args.iter()
+        .position(|a| a == name)
+        .and_then(|i| args.get(i + 1).cloned())
+}
+
+fn need(args: &[String], name: &str) -> Result<String> {
+    arg(args, name).with_context(|| format!("missing {name}"))
+}
+
+/// The byte at offset `i` of the reply pattern.
+fn pattern(i: u64) -> u8 {
+    (i % 251) as u8
+}
+
+fn main() -> Result<()> {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    match args.first().map(String::as_str) {
+        Some("serve") => serve(&args),
+        Some("halfclose-client") => halfclose_client(&args),
+        _ => bail!("usage: ferry-testkit serve|halfclose-client ... (see the source's header)"),
+    }
+}
+
+fn serve(args: &[String]) -> Result<()> {
+    let id = need(args, "--id")?;
+    let listen: SocketAddr = need(args, "--listen")?.parse()?;
+    let mode = arg(args, "--mode").unwrap_or_else(|| "http".into());
+    let reply_bytes: u64 = arg(args, "--reply-bytes")
+        .map(|s| s.parse())
+        .transpose()?
+        .unwrap_or(0);
+    let listener = bind_dual(listen)?;
+    println!("listening on {listen} id={id} mode={mode}");
+    std::io::stdout().flush()?;
+    for conn in listener.incoming() {
+        let Ok(stream) = conn else { continue };
+        let id = id.clone();
+        let mode = mode.clone();
+        std::thread::spawn(move || {
+            let _ = stream.set_read_timeout(Some(Duration::from_secs(30)));
+            let r = match mode.as_str() {
+                "http" => serve_http(stream, &id),
+                "drain-then-reply" => serve_drain(stream, reply_bytes),
+                "reset" => serve_reset(stream),
+                other => Err(anyhow::anyhow!("unknown mode {other}")),
+            };
+            if let Err(e) = r {
+                eprintln!("connection error: {e:#}");
+            }
+        });
+    }
+    Ok(())
+}
+
+fn bind_dual(addr: SocketAddr) -> Result<TcpListener> {
+    let sock = socket2::Socket::new(
+        socket2::Domain::for_address(addr),
+        socket2::Type::STREAM,
+        None,
+    )?;
+    if addr.is_ipv6() {
+        sock.set_only_v6(false)?;
+    }
+    sock.set_reuse_address(true)?;
+    sock.bind(&addr.into())?;
+    sock.listen(1024)?;
+    Ok(sock.into())
+}
+
+fn serve_http(mut s: TcpStream, id: &str) -> Result<()> {
+    let peer = s.peer_addr()?;
+    let mut buf = Vec::new();
+    let mut chunk = [0u8; 4096];
+    while !buf.windows(4).any(|w| w == b"\r\n\r\n") {
+        let n = s.read(&mut chunk)?;
+        if n == 0 {
+            break;
+        }
+        buf.extend_from_slice(&chunk[..n]);
+        if buf.len() > 64 * 1024 {
+            bail!("request too large");
+        }
+    }
+    let peer_ip = match peer.ip() {
+        std::net::IpAddr::V6(v6) => v6
+            .to_ipv4_mapped()
+            .map(std::net::IpAddr::V4)
+            .unwrap_or(std::net::IpAddr::V6(v6)),
+        v4 => v4,
+    };
+    let body = format!("id={id} peer={}\n", SocketAddr::new(peer_ip, peer.port()));
+    let resp = format!(
+        "HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    s.write_all(resp.as_bytes())?;
+    s.shutdown(Shutdown::Write)?;
+    // Wait for the client to close so the FIN handshake completes cleanly.
+    let _ = s.read(&mut chunk);
+    Ok(())
+}
+
+fn serve_drain(mut s: TcpStream, reply_bytes: u64) -> Result<()> {
+    let mut got = 0u64;
+    let mut chunk = vec![0u8; 64 * 1024];
+    loop {
+        let n = s.read(&mut chunk)?;
+        if n == 0 {
+            break;
+        }
+        got += n as u64;
+    }
+    s.write_all(format!("got={got}\n").as_bytes())?;
+    let mut sent = 0u64;
+    while sent < reply_bytes {
+        let n = (reply_bytes - sent).min(chunk.len() as u64) as usize;
+        for (i, b) in chunk[..n].iter_mut().enumerate() {
+            *b = pattern(sent + i as u64);
+        }
+        s.write_all(&chunk[..n])?;
+        sent += n as u64;
+    }
+    s.shutdown(Shutdown::Write)?;
+    Ok(())
+}
+
+fn serve_reset(mut s: TcpStream) -> Result<()> {
+    let mut chunk = [0u8; 4096];
+    let _ = s.read(&mut chunk)?;
+    socket2::SockRef::from(&s).set_linger(Some(Duration::ZERO))?;
+    drop(s);
+    Ok(())
+}
+
+fn halfclose_client(args: &[String]) -> Result<()> {
+    let addr: SocketAddr = need(args, "--connect")?.parse()?;
+    let send: u64 = need(args, "--send")?.parse()?;
+    let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(10))
+        .with_context(|| format!("connect {addr}"))?;
+    s.set_read_timeout(Some(Duration::from_secs(30)))?;
+    let chunk = vec![b'x'; 64 * 1024];
+    let mut sent = 0u64;
+    while sent < send {
+        let n = (send - sent).min(chunk.len() as u64) as usize;
+        s.write_all(&chunk[..n])?;
+        sent += n as u64;
+    }
+    s.shutdown(Shutdown::Write)?;
+    // Read the header line, then the pattern.
+    let mut all = Vec::new();
+    let mut buf = vec![0u8; 64 * 1024];
+    let end = loop {
+        match s.read(&mut buf) {
+            Ok(0) => break "eof".to_owned(),
+            Ok(n) => all.extend_from_slice(&buf[..n]),
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => break "reset".to_owned(),
+            Err(e) => break format!("error:{:?}", e.kind()),
+        }
+    };
+    let (header, body) = match all.iter().position(|b| *b == b'\n') {
+        Some(i) => (
+            String::from_utf8_lossy(&all[..i]).into_owned(),
+            &all[i + 1..],
+        ),
+        None => (
+            String::from_utf8_lossy(&all).into_owned(),
+            &all[all.len()..],
+        ),
+    };
+    let pattern_ok = body
+        .iter()
+        .enumerate()
+        .all(|(i, b)| *b == pattern(i as u64));
+    println!(
+        "header={header} received={} pattern_ok={pattern_ok} end={end}",
+        body.len()
+    );
+    Ok(())
+}
