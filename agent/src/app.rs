@@ -15,10 +15,15 @@ use tokio_util::task::TaskTracker;
 use tracing::{error, info, warn};
 
 use crate::capture::{Capture, CaptureError};
-use crate::config::{self, Config};
+use crate::config::{self, AuthorizationMode, Config};
+use crate::hbone::inbound::Inbound;
+use crate::hbone::pool::{Pool, PoolSettings};
+use crate::hbone::strict::StrictRules;
+use crate::hbone::{self, HboneError};
 use crate::metrics::{self, EbpfCounterSource, Metrics, MetricsError, Readiness};
 use crate::proxy::{self, Destinations, Proxy, ProxyError};
 use crate::state::{Snapshot, State};
+use crate::tls::{self, TlsError};
 
 /// Errors that stop the agent.
 #[derive(Debug, thiserror::Error)]
@@ -31,6 +36,10 @@ pub enum AppError {
     Capture(#[from] CaptureError),
     #[error("cannot install signal handler: {0}")]
     Signal(#[source] std::io::Error),
+    #[error("TLS: {0}")]
+    Tls(#[from] TlsError),
+    #[error("HBONE: {0}")]
+    Hbone(#[from] HboneError),
 }
 
 #[derive(Debug)]
@@ -63,6 +72,29 @@ pub async fn run(config: Config, config_path: Option<PathBuf>) -> Result<(), App
     let state = Arc::new(State::new(Snapshot::new(&config)));
 
     let outbound = proxy::bind(config.listeners.outbound)?;
+    let inbound_listener = hbone::inbound::bind(config.listeners.inbound)?;
+
+    // Certificates for every local workload before anything is served.
+    let tls = Arc::new(tls::context_from_config(&config.tls)?);
+    tls.store()
+        .count_issues(metrics.hbone.certificates_issued.clone());
+    tls.store()
+        .sync(&state.load().workload_identities())
+        .await?;
+    let strict_mark = config.capture.bypass_mark;
+    let strict = if config.authorization.mode == AuthorizationMode::Strict {
+        let pods: Vec<_> = state.load().workload_addresses().collect();
+        let rules = Arc::new(StrictRules::install(&pods, strict_mark)?);
+        let r = rules.clone();
+        metrics.register_read_counter(
+            "ferry_strict_refused",
+            "New connections to local mesh pods refused by the STRICT kernel rule (not from Ferry)",
+            Box::new(move || r.refused()),
+        );
+        Some(rules)
+    } else {
+        None
+    };
     let metrics_listener = metrics::bind("metrics", config.listeners.metrics).await?;
     let ready_listener = metrics::bind("readiness", config.listeners.readiness).await?;
     let outbound_port = outbound
@@ -96,6 +128,29 @@ pub async fn run(config: Config, config_path: Option<PathBuf>) -> Result<(), App
         admin_stop.clone(),
     ));
 
+    let mark = if config.capture.enabled || strict.is_some() {
+        config.capture.bypass_mark
+    } else {
+        0
+    };
+    let pool = Arc::new(Pool::new(
+        tls.clone(),
+        metrics.hbone.clone(),
+        PoolSettings {
+            max_streams: config.hbone.max_streams_per_connection as usize,
+            pooling: config.hbone.pooling,
+            connect_timeout: config.proxy.connect_timeout,
+            bypass_mark: mark,
+        },
+    ));
+    let inbound = Arc::new(Inbound {
+        tls: tls.clone(),
+        state: state.clone(),
+        metrics: metrics.hbone.clone(),
+        bypass_mark: mark,
+        connect_timeout: config.proxy.connect_timeout,
+        max_streams: config.hbone.max_streams_per_connection,
+    });
     let proxy = Arc::new(Proxy {
         state: state.clone(),
         metrics: metrics.proxy.clone(),
@@ -106,6 +161,7 @@ pub async fn run(config: Config, config_path: Option<PathBuf>) -> Result<(), App
             0
         },
         connect_timeout: config.proxy.connect_timeout,
+        tunnel: Some(pool),
     });
     if let Some(c) = &capture {
         metrics.register_ebpf(Arc::new(CaptureCounters(c.clone())));
@@ -120,10 +176,23 @@ pub async fn run(config: Config, config_path: Option<PathBuf>) -> Result<(), App
         stop_accepting.clone(),
         kill.clone(),
     ));
+    let inbound_task = tokio::spawn(inbound.serve(
+        inbound_listener,
+        tracker.clone(),
+        stop_accepting.clone(),
+        kill.clone(),
+    ));
+    tokio::spawn(tls::store::run_rotation(
+        tls.store().clone(),
+        admin_stop.clone(),
+    ));
     ready.set(true);
     info!(
         node = %config.node_name,
         outbound = %config.listeners.outbound,
+        inbound = %config.listeners.inbound,
+        workloads = config.workloads.len(),
+        strict = strict.is_some(),
         metrics = %config.listeners.metrics,
         readiness = %config.listeners.readiness,
         services = config.services.len(),
@@ -157,6 +226,16 @@ pub async fn run(config: Config, config_path: Option<PathBuf>) -> Result<(), App
                             }
                             continue;
                         }
+                        if let Err(e) = reload_tls(&tls, &new, &snapshot).await {
+                            error!(error = %e, "reload: TLS settings rejected; keeping the running configuration");
+                            continue;
+                        }
+                        if let Some(rules) = &strict {
+                            let pods: Vec<_> = snapshot.workload_addresses().collect();
+                            if let Err(e) = rules.update(&pods, strict_mark) {
+                                error!(error = %e, "reload: updating the STRICT rules failed");
+                            }
+                        }
                         state.store(snapshot);
                         info!(services = new.services.len(), "configuration reloaded");
                         current = new;
@@ -170,6 +249,7 @@ pub async fn run(config: Config, config_path: Option<PathBuf>) -> Result<(), App
     ready.set(false);
     stop_accepting.cancel();
     let _ = accept.await;
+    let _ = inbound_task.await;
     tracker.close();
     let deadline = current.proxy.drain_deadline;
     let open = tracker.len();
@@ -190,6 +270,23 @@ pub async fn run(config: Config, config_path: Option<PathBuf>) -> Result<(), App
     admin_stop.cancel();
     drop(proxy);
     drop(capture);
+    drop(strict);
     info!("drained; capture detached; bye");
     Ok(())
+}
+
+/// Applies what a reload may change in TLS: the trust bundle file is re-read,
+/// and new workloads get certificates (removed ones lose theirs). The CA,
+/// trust domain and lifetime change only on restart.
+async fn reload_tls(
+    tls: &tls::TlsContext,
+    new: &Config,
+    snapshot: &Snapshot,
+) -> Result<(), TlsError> {
+    let extra = match &new.tls.trust_bundle {
+        Some(p) => tls::read_pem_certs(p)?,
+        None => Vec::new(),
+    };
+    tls.set_trust_bundle(extra)?;
+    tls.store().sync(&snapshot.workload_identities()).await
 }

@@ -6,6 +6,9 @@
 //! * [`capture`]: the only module that touches eBPF (aya): load, attach, maps.
 //! * [`balance`]: endpoint choice.
 //! * [`proxy`]: the outbound listener, connect, and the byte relay.
+//! * [`tls`]: workload identities, certificates and rotation, rustls configs.
+//! * [`hbone`]: the mutual-TLS HTTP/2 CONNECT tunnel between nodes, and
+//!   inbound authorization.
 //! * [`metrics`]: the Prometheus registry and the metrics/readiness servers.
 //! * [`app`]: wiring, start-up order, reload and drain.
 //! * [`cli`]: the `ferry` command line.
@@ -15,6 +18,8 @@ pub mod balance;
 pub mod capture;
 pub mod cli;
 pub mod config;
+pub mod hbone;
 pub mod metrics;
 pub mod proxy;
 pub mod state;
+pub mod tls;

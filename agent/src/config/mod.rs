@@ -6,7 +6,7 @@
 //! `services[2].endpoints[0].weight: must be greater than 0`.
 //! Only a validated [`Config`] reaches the rest of the agent.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::fmt;
 use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
@@ -91,6 +91,116 @@ pub struct RawConfig {
     pub proxy: RawProxy,
     #[serde(default)]
     pub services: Vec<RawService>,
+    /// The pods on this node and their identities (the mesh's local workloads).
+    #[serde(default)]
+    pub workloads: Vec<RawWorkload>,
+    /// Node name → address of that node's HBONE inbound listener.
+    #[serde(default)]
+    pub nodes: BTreeMap<String, String>,
+    #[serde(default)]
+    pub tls: RawTls,
+    #[serde(default)]
+    pub hbone: RawHbone,
+    #[serde(default)]
+    pub authorization: RawAuthorization,
+}
+
+/// A pod on this node.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawWorkload {
+    pub address: IpAddr,
+    #[serde(default = "default_namespace")]
+    pub namespace: String,
+    #[serde(default = "default_service_account")]
+    pub service_account: String,
+}
+
+fn default_service_account() -> String {
+    "default".to_owned()
+}
+
+#[derive(Debug, Clone, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct RawTls {
+    /// Default `cluster.local`.
+    pub trust_domain: Option<String>,
+    /// `generate` (default: an in-memory CA for a one-machine topology) or
+    /// `{ cert: FILE, key: FILE }` (PEM).
+    pub ca: Option<RawCa>,
+    /// Extra trusted CA certificates (PEM), re-read on SIGHUP.
+    pub trust_bundle: Option<PathBuf>,
+    /// Workload certificate lifetime; renewed at half of it. Default 24h.
+    pub leaf_lifetime: Option<HumanDuration>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(untagged)]
+pub enum RawCa {
+    Keyword(String),
+    Files(RawCaFiles),
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawCaFiles {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+}
+
+#[derive(Debug, Clone, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct RawHbone {
+    /// Streams per pooled TLS connection before another is opened. Default 100.
+    pub max_streams_per_connection: Option<u32>,
+    /// Share TLS connections between streams. Default true.
+    pub pooling: Option<bool>,
+}
+
+#[derive(Debug, Clone, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct RawAuthorization {
+    /// `PERMISSIVE` (default) or `STRICT`.
+    #[serde(default)]
+    pub mode: AuthorizationMode,
+    #[serde(default)]
+    pub rules: Vec<RawRule>,
+}
+
+/// Whether local mesh pods also accept plaintext from outside the mesh.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "UPPERCASE")]
+pub enum AuthorizationMode {
+    #[default]
+    Permissive,
+    Strict,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum RuleAction {
+    Allow,
+    Deny,
+}
+
+/// One rule: matches when every list given matches (a list matches when
+/// any of its entries does; an absent list matches everything).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawRule {
+    pub action: RuleAction,
+    /// Source SPIFFE IDs, exact.
+    #[serde(default)]
+    pub identities: Vec<String>,
+    /// Source SPIFFE ID prefixes, e.g. `spiffe://cluster.local/ns/shop/`.
+    #[serde(default)]
+    pub identity_prefixes: Vec<String>,
+    /// Source namespaces.
+    #[serde(default)]
+    pub namespaces: Vec<String>,
+    /// Destination (pod) ports.
+    #[serde(default)]
+    pub ports: Vec<u16>,
 }
 
 #[derive(Debug, Clone, Deserialize, Default)]
@@ -110,6 +220,9 @@ pub struct RawListeners {
     pub metrics: Option<SocketAddr>,
     /// Readiness (`/ready`) and liveness (`/healthz`). Default `0.0.0.0:15021`.
     pub readiness: Option<SocketAddr>,
+    /// The HBONE inbound listener (mutual TLS from other nodes' Ferry).
+    /// Default `[::]:15008`.
+    pub inbound: Option<SocketAddr>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -207,6 +320,13 @@ pub struct RawEndpoint {
     /// Relative weight; default 1.
     #[serde(default = "default_weight")]
     pub weight: u32,
+    /// The node the pod runs on; another node's pods are reached through
+    /// the HBONE tunnel. Absent: this node, or not a mesh pod.
+    pub node: Option<String>,
+    /// The pod's namespace (its identity); default the service's.
+    pub namespace: Option<String>,
+    /// The pod's service account (its identity); default `default`.
+    pub service_account: Option<String>,
 }
 
 fn default_weight() -> u32 {
@@ -225,6 +345,11 @@ pub struct Config {
     pub capture: Capture,
     pub proxy: Proxy,
     pub services: Vec<Service>,
+    pub workloads: Vec<Workload>,
+    pub nodes: BTreeMap<String, SocketAddr>,
+    pub tls: Tls,
+    pub hbone: Hbone,
+    pub authorization: Authorization,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -232,6 +357,60 @@ pub struct Listeners {
     pub outbound: SocketAddr,
     pub metrics: SocketAddr,
     pub readiness: SocketAddr,
+    pub inbound: SocketAddr,
+}
+
+/// The HBONE inbound port (Istio's).
+pub const HBONE_PORT: u16 = 15008;
+
+/// A pod on this node and its identity.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Workload {
+    pub address: IpAddr,
+    pub namespace: String,
+    pub service_account: String,
+}
+
+/// Where the CA comes from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum CaSource {
+    /// Generated at start, held in memory only (one-machine topologies:
+    /// every node must trust the same CA, so a cluster uses files or a
+    /// remote signer).
+    Generate,
+    Files {
+        cert: PathBuf,
+        key: PathBuf,
+    },
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Tls {
+    pub trust_domain: String,
+    pub ca: CaSource,
+    pub trust_bundle: Option<PathBuf>,
+    pub leaf_lifetime: Duration,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Hbone {
+    pub max_streams_per_connection: u32,
+    pub pooling: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Authorization {
+    pub mode: AuthorizationMode,
+    pub rules: Vec<Rule>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Rule {
+    pub action: RuleAction,
+    pub identities: Vec<String>,
+    pub identity_prefixes: Vec<String>,
+    pub namespaces: Vec<String>,
+    pub ports: Vec<u16>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -272,10 +451,16 @@ pub struct Port {
     pub target_port: u16,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Endpoint {
     pub address: IpAddr,
     pub weight: u32,
+    /// The node the pod runs on, when that is another node (reached through
+    /// the tunnel); `None` for this node's pods and non-mesh addresses.
+    pub node: Option<String>,
+    /// The identity the pod presents.
+    pub namespace: String,
+    pub service_account: String,
 }
 
 /// Reads, parses and validates a configuration file.
@@ -378,6 +563,10 @@ impl RawConfig {
                 .listeners
                 .readiness
                 .unwrap_or_else(|| "0.0.0.0:15021".parse().expect("literal address")),
+            inbound: self
+                .listeners
+                .inbound
+                .unwrap_or_else(|| "[::]:15008".parse().expect("literal address")),
         };
         if listeners.outbound.port() == 0 {
             bad("listeners.outbound".into(), "port must not be 0");
@@ -386,6 +575,7 @@ impl RawConfig {
             ("listeners.outbound", listeners.outbound),
             ("listeners.metrics", listeners.metrics),
             ("listeners.readiness", listeners.readiness),
+            ("listeners.inbound", listeners.inbound),
         ];
         for (i, (a_name, a)) in named.iter().enumerate() {
             for (b_name, b) in &named[i + 1..] {
@@ -592,6 +782,25 @@ impl RawConfig {
                 if s.endpoints[..ei].iter().any(|f| f.address == e.address) {
                     bad(format!("{eat}.address"), "is listed twice");
                 }
+                if let Some(n) = &e.node
+                    && *n != node_name
+                    && !self.nodes.contains_key(n)
+                {
+                    bad(
+                        format!("{eat}.node"),
+                        &format!("{n:?} is not in nodes (where is its HBONE listener?)"),
+                    );
+                }
+                if let Some(ns) = &e.namespace
+                    && !valid_dns_label(ns)
+                {
+                    bad(format!("{eat}.namespace"), "must be a DNS label");
+                }
+                if let Some(sa) = &e.service_account
+                    && !valid_dns_label(sa)
+                {
+                    bad(format!("{eat}.service_account"), "must be a DNS label");
+                }
             }
             services.push(Service {
                 name: s.name.clone(),
@@ -604,6 +813,12 @@ impl RawConfig {
                     .map(|e| Endpoint {
                         address: e.address,
                         weight: e.weight,
+                        node: e.node.clone().filter(|n| *n != node_name),
+                        namespace: e.namespace.clone().unwrap_or_else(|| s.namespace.clone()),
+                        service_account: e
+                            .service_account
+                            .clone()
+                            .unwrap_or_else(default_service_account),
                     })
                     .collect(),
             });
@@ -627,6 +842,152 @@ impl RawConfig {
             }
         }
 
+        let mut workloads = Vec::with_capacity(self.workloads.len());
+        for (wi, w) in self.workloads.iter().enumerate() {
+            let at = format!("workloads[{wi}]");
+            if w.address.is_unspecified() || w.address.is_multicast() {
+                bad(format!("{at}.address"), "must be a unicast address");
+            }
+            if let Some(v4) = ipv4_mapped(w.address) {
+                bad(
+                    format!("{at}.address"),
+                    &format!("is an IPv4-mapped IPv6 address: write it as {v4}"),
+                );
+            }
+            if self.workloads[..wi].iter().any(|o| o.address == w.address) {
+                bad(format!("{at}.address"), "is listed twice");
+            }
+            if !valid_dns_label(&w.namespace) {
+                bad(format!("{at}.namespace"), "must be a DNS label");
+            }
+            if !valid_dns_label(&w.service_account) {
+                bad(format!("{at}.service_account"), "must be a DNS label");
+            }
+            workloads.push(Workload {
+                address: w.address,
+                namespace: w.namespace.clone(),
+                service_account: w.service_account.clone(),
+            });
+        }
+
+        let mut nodes = BTreeMap::new();
+        for (name, addr) in &self.nodes {
+            let at = format!("nodes.{name}");
+            if name.is_empty() || !name.split('.').all(valid_dns_label) {
+                bad(at.clone(), "node name must be a lowercase DNS name");
+            }
+            let parsed = addr.parse::<SocketAddr>().ok().or_else(|| {
+                addr.parse::<IpAddr>()
+                    .ok()
+                    .map(|ip| SocketAddr::new(ip, HBONE_PORT))
+            });
+            match parsed {
+                Some(a) if a.ip().is_unspecified() || a.ip().is_multicast() => {
+                    bad(at, "must be a unicast address")
+                }
+                Some(a) if a.port() == 0 => bad(at, "port must not be 0"),
+                Some(a) => {
+                    nodes.insert(name.clone(), a);
+                }
+                None => bad(
+                    at,
+                    &format!(
+                        "{addr:?} is not an address (IP or IP:PORT; the port defaults to {HBONE_PORT})"
+                    ),
+                ),
+            }
+        }
+
+        let t = &self.tls;
+        let trust_domain = t
+            .trust_domain
+            .clone()
+            .unwrap_or_else(|| "cluster.local".to_owned());
+        if !crate::tls::identity::valid_trust_domain(&trust_domain) {
+            bad(
+                "tls.trust_domain".into(),
+                "must be a lowercase DNS name (labels of a-z, 0-9, '-')",
+            );
+        }
+        let ca = match &t.ca {
+            None => CaSource::Generate,
+            Some(RawCa::Keyword(k)) if k == "generate" => CaSource::Generate,
+            Some(RawCa::Keyword(k)) => {
+                bad(
+                    "tls.ca".into(),
+                    &format!("{k:?}: must be \"generate\" or {{ cert: FILE, key: FILE }}"),
+                );
+                CaSource::Generate
+            }
+            Some(RawCa::Files(f)) => {
+                for (field, p) in [("tls.ca.cert", &f.cert), ("tls.ca.key", &f.key)] {
+                    if p.as_os_str().is_empty() {
+                        bad(field.into(), "must not be empty");
+                    }
+                }
+                CaSource::Files {
+                    cert: f.cert.clone(),
+                    key: f.key.clone(),
+                }
+            }
+        };
+        if t.trust_bundle
+            .as_ref()
+            .is_some_and(|p| p.as_os_str().is_empty())
+        {
+            bad("tls.trust_bundle".into(), "must not be empty");
+        }
+        let leaf_lifetime = t
+            .leaf_lifetime
+            .map(|d| d.0)
+            .unwrap_or(Duration::from_secs(24 * 3600));
+        if leaf_lifetime < Duration::from_secs(1) {
+            bad("tls.leaf_lifetime".into(), "must be at least 1s");
+        }
+
+        let max_streams = self.hbone.max_streams_per_connection.unwrap_or(100);
+        if max_streams == 0 || max_streams > 10_000 {
+            bad(
+                "hbone.max_streams_per_connection".into(),
+                "must be between 1 and 10000",
+            );
+        }
+
+        let mut rules = Vec::with_capacity(self.authorization.rules.len());
+        for (ri, r) in self.authorization.rules.iter().enumerate() {
+            let at = format!("authorization.rules[{ri}]");
+            for (ii, id) in r.identities.iter().enumerate() {
+                if let Err(e) = crate::tls::Identity::parse(id) {
+                    bad(format!("{at}.identities[{ii}]"), &format!("{id:?}: {e}"));
+                }
+            }
+            for (pi, p) in r.identity_prefixes.iter().enumerate() {
+                if !p.starts_with("spiffe://") || p.len() <= "spiffe://".len() {
+                    bad(
+                        format!("{at}.identity_prefixes[{pi}]"),
+                        "must start with spiffe:// and name at least a trust domain",
+                    );
+                }
+            }
+            for (ni, n) in r.namespaces.iter().enumerate() {
+                if !valid_dns_label(n) {
+                    bad(format!("{at}.namespaces[{ni}]"), "must be a DNS label");
+                }
+            }
+            for (pi, p) in r.ports.iter().enumerate() {
+                if *p == 0 {
+                    bad(format!("{at}.ports[{pi}]"), "must be between 1 and 65535");
+                }
+            }
+            rules.push(Rule {
+                action: r.action,
+                identities: r.identities.clone(),
+                identity_prefixes: r.identity_prefixes.clone(),
+                namespaces: r.namespaces.clone(),
+                ports: r.ports.clone(),
+            });
+        }
+
         if !v.is_empty() {
             return Err(v);
         }
@@ -646,6 +1007,22 @@ impl RawConfig {
                 drain_deadline,
             },
             services,
+            workloads,
+            nodes,
+            tls: Tls {
+                trust_domain,
+                ca,
+                trust_bundle: t.trust_bundle.clone(),
+                leaf_lifetime,
+            },
+            hbone: Hbone {
+                max_streams_per_connection: max_streams,
+                pooling: self.hbone.pooling.unwrap_or(true),
+            },
+            authorization: Authorization {
+                mode: self.authorization.mode,
+                rules,
+            },
         })
     }
 }

@@ -14,6 +14,16 @@ fn ip(s: &str) -> IpAddr {
     s.parse().expect("test address")
 }
 
+fn ep(address: &str, weight: u32) -> Endpoint {
+    Endpoint {
+        address: ip(address),
+        weight,
+        node: None,
+        namespace: "default".into(),
+        service_account: "default".into(),
+    }
+}
+
 fn ok(text: &str) -> Config {
     match parse(text, "test.yaml") {
         Ok(c) => c,
@@ -65,6 +75,7 @@ fn example_file_parses_with_documented_values() {
             outbound: "[::]:15001".parse().unwrap(),
             metrics: "0.0.0.0:15020".parse().unwrap(),
             readiness: "0.0.0.0:15021".parse().unwrap(),
+            inbound: "[::]:15008".parse().unwrap(),
         },
         capture: Capture {
             enabled: true,
@@ -78,29 +89,60 @@ fn example_file_parses_with_documented_values() {
             connect_timeout: Duration::from_secs(5),
             drain_deadline: Duration::from_secs(30),
         },
-        services: vec![Service {
-            name: "web".into(),
+        services: vec![
+            Service {
+                name: "web".into(),
+                namespace: "default".into(),
+                addresses: vec![ip("10.96.0.20"), ip("fd96::20")],
+                ports: vec![Port {
+                    port: 80,
+                    target_port: 8080,
+                }],
+                endpoints: vec![
+                    ep("10.77.1.11", 60),
+                    ep("10.77.1.12", 30),
+                    ep("10.77.1.13", 10),
+                ],
+            },
+            Service {
+                name: "reviews".into(),
+                namespace: "shop".into(),
+                addresses: vec![ip("10.96.0.30")],
+                ports: vec![Port {
+                    port: 9080,
+                    target_port: 9080,
+                }],
+                endpoints: vec![Endpoint {
+                    address: ip("10.77.2.11"),
+                    weight: 1,
+                    node: Some("node-b".into()),
+                    namespace: "shop".into(),
+                    service_account: "reviews".into(),
+                }],
+            },
+        ],
+        workloads: vec![Workload {
+            address: ip("10.77.1.10"),
             namespace: "default".into(),
-            addresses: vec![ip("10.96.0.20"), ip("fd96::20")],
-            ports: vec![Port {
-                port: 80,
-                target_port: 8080,
-            }],
-            endpoints: vec![
-                Endpoint {
-                    address: ip("10.77.1.11"),
-                    weight: 60,
-                },
-                Endpoint {
-                    address: ip("10.77.1.12"),
-                    weight: 30,
-                },
-                Endpoint {
-                    address: ip("10.77.1.13"),
-                    weight: 10,
-                },
-            ],
+            service_account: "client".into(),
         }],
+        nodes: [("node-b".to_owned(), "10.77.0.2:15008".parse().unwrap())]
+            .into_iter()
+            .collect(),
+        tls: Tls {
+            trust_domain: "cluster.local".into(),
+            ca: CaSource::Generate,
+            trust_bundle: None,
+            leaf_lifetime: Duration::from_secs(24 * 3600),
+        },
+        hbone: Hbone {
+            max_streams_per_connection: 100,
+            pooling: true,
+        },
+        authorization: Authorization {
+            mode: AuthorizationMode::Permissive,
+            rules: vec![],
+        },
     };
     assert_eq!(c, expected);
     assert_eq!(c.services[0].key(), "default/web");
@@ -123,11 +165,21 @@ services:
       - { address: 10.77.1.11, weight: 60 }
       - { address: 10.77.1.12, weight: 30 }
       - { address: 10.77.1.13, weight: 10 }
+  - name: reviews
+    namespace: shop
+    addresses: [10.96.0.30]
+    ports: [{ port: 9080 }]
+    endpoints: [{ address: 10.77.2.11, node: node-b, service_account: reviews }]
+nodes: { node-b: 10.77.0.2 }
 ");
     assert_eq!(minimal.listeners, example.listeners);
     assert_eq!(minimal.capture, example.capture);
     assert_eq!(minimal.proxy, example.proxy);
     assert_eq!(minimal.services, example.services);
+    assert_eq!(minimal.nodes, example.nodes);
+    assert_eq!(minimal.tls, example.tls);
+    assert_eq!(minimal.hbone, example.hbone);
+    assert_eq!(minimal.authorization, example.authorization);
 }
 
 #[test]
@@ -166,7 +218,10 @@ fn defaults() {
         s.endpoints,
         vec![Endpoint {
             address: ip("10.1.0.7"),
-            weight: 1
+            weight: 1,
+            node: None,
+            namespace: "default".into(),
+            service_account: "default".into(),
         }]
     );
 }
@@ -861,4 +916,154 @@ services:
     let e = parse(text, "ferry.yaml").unwrap_err().to_string();
     assert_eq!(e.lines().count(), 1 + 11, "{e}");
     assert!(e.starts_with("ferry.yaml: invalid configuration:\n  listeners.readiness: "));
+}
+
+// ---------------------------------------------------------------------------
+// Mesh: workloads, nodes, endpoints on other nodes, TLS, HBONE, authorization.
+// ---------------------------------------------------------------------------
+
+#[test]
+fn mesh_defaults() {
+    let c = ok(NO_CAPTURE);
+    assert_eq!(c.listeners.inbound, "[::]:15008".parse().unwrap());
+    assert_eq!(c.tls.trust_domain, "cluster.local");
+    assert_eq!(c.tls.ca, CaSource::Generate);
+    assert_eq!(c.tls.trust_bundle, None);
+    assert_eq!(c.tls.leaf_lifetime, Duration::from_secs(86400));
+    assert_eq!(c.hbone.max_streams_per_connection, 100);
+    assert!(c.hbone.pooling);
+    assert_eq!(c.authorization.mode, AuthorizationMode::Permissive);
+    assert!(c.authorization.rules.is_empty());
+    assert!(c.workloads.is_empty() && c.nodes.is_empty());
+}
+
+#[test]
+fn mesh_settings_parse() {
+    let c = ok(&format!(
+        "{NO_CAPTURE}node: {{ name: node-a }}
+workloads:
+  - {{ address: 10.77.1.10, service_account: client }}
+  - {{ address: \"fd77:1::10\", namespace: shop, service_account: web }}
+nodes: {{ node-b: 10.77.0.2, node-c: \"[fd77::3]:16008\", node-a: 10.77.0.1 }}
+tls:
+  trust_domain: example.org
+  ca: {{ cert: /etc/ferry/ca.pem, key: /etc/ferry/ca-key.pem }}
+  trust_bundle: /etc/ferry/bundle.pem
+  leaf_lifetime: 1h
+hbone: {{ max_streams_per_connection: 7, pooling: false }}
+authorization:
+  mode: STRICT
+  rules:
+    - {{ action: deny, identities: [\"spiffe://example.org/ns/a/sa/b\"], ports: [22] }}
+    - {{ action: allow, identity_prefixes: [\"spiffe://example.org/ns/\"], namespaces: [shop] }}
+services:
+  - name: web
+    addresses: [10.96.0.20]
+    ports: [{{ port: 80 }}]
+    endpoints:
+      - {{ address: 10.77.2.11, node: node-b, namespace: shop, service_account: web }}
+      - {{ address: 10.77.1.11, node: node-a }}
+      - {{ address: 192.0.2.1 }}
+"
+    ));
+    assert_eq!(
+        c.workloads[1],
+        Workload {
+            address: ip("fd77:1::10"),
+            namespace: "shop".into(),
+            service_account: "web".into()
+        }
+    );
+    assert_eq!(c.workloads[0].namespace, "default");
+    assert_eq!(c.nodes["node-b"], "10.77.0.2:15008".parse().unwrap());
+    assert_eq!(c.nodes["node-c"], "[fd77::3]:16008".parse().unwrap());
+    assert_eq!(
+        c.tls.ca,
+        CaSource::Files {
+            cert: "/etc/ferry/ca.pem".into(),
+            key: "/etc/ferry/ca-key.pem".into()
+        }
+    );
+    assert_eq!(c.tls.leaf_lifetime, Duration::from_secs(3600));
+    assert_eq!(c.hbone.max_streams_per_connection, 7);
+    assert!(!c.hbone.pooling);
+    assert_eq!(c.authorization.mode, AuthorizationMode::Strict);
+    assert_eq!(c.authorization.rules[0].action, RuleAction::Deny);
+    assert_eq!(c.authorization.rules[0].ports, [22]);
+    assert_eq!(c.authorization.rules[1].namespaces, ["shop"]);
+    let eps = &c.services[0].endpoints;
+    assert_eq!(eps[0].node.as_deref(), Some("node-b"));
+    assert_eq!(
+        (eps[0].namespace.as_str(), eps[0].service_account.as_str()),
+        ("shop", "web")
+    );
+    // This node's own pods and non-mesh addresses are reached directly.
+    assert_eq!(eps[1].node, None);
+    assert_eq!(eps[2].node, None);
+}
+
+#[test]
+fn mesh_violations_name_their_field() {
+    let text = format!(
+        "{NO_CAPTURE}node: {{ name: node-a }}
+listeners: {{ inbound: \"0.0.0.0:15020\" }}
+workloads:
+  - {{ address: 0.0.0.0, namespace: Shop }}
+  - {{ address: \"::ffff:10.0.0.1\", service_account: \"a_b\" }}
+  - {{ address: 10.0.0.2 }}
+  - {{ address: 10.0.0.2 }}
+nodes: {{ node-b: \"not an address\", NodeC: 10.0.0.3, node-d: \"10.0.0.4:0\" }}
+tls: {{ trust_domain: Cluster.Local, ca: make-one, leaf_lifetime: 500ms }}
+hbone: {{ max_streams_per_connection: 0 }}
+authorization:
+  rules:
+    - {{ action: allow, identities: [\"spiffe://cluster.local/ns/a\"], identity_prefixes: [\"http://x\"], namespaces: [A], ports: [0] }}
+services:
+  - name: web
+    addresses: [10.96.0.20]
+    ports: [{{ port: 80 }}]
+    endpoints:
+      - {{ address: 10.77.2.11, node: node-z, namespace: Bad, service_account: \"-x\" }}
+"
+    );
+    assert_eq!(
+        violations(&text),
+        [
+            "listeners.inbound: 0.0.0.0:15020 collides with listeners.metrics (0.0.0.0:15020)",
+            "services[0].endpoints[0].node: \"node-z\" is not in nodes (where is its HBONE listener?)",
+            "services[0].endpoints[0].namespace: must be a DNS label",
+            "services[0].endpoints[0].service_account: must be a DNS label",
+            "workloads[0].address: must be a unicast address",
+            "workloads[0].namespace: must be a DNS label",
+            "workloads[1].address: is an IPv4-mapped IPv6 address: write it as 10.0.0.1",
+            "workloads[1].service_account: must be a DNS label",
+            "workloads[3].address: is listed twice",
+            "nodes.NodeC: node name must be a lowercase DNS name",
+            "nodes.node-b: \"not an address\" is not an address (IP or IP:PORT; the port defaults to 15008)",
+            "nodes.node-d: port must not be 0",
+            "tls.trust_domain: must be a lowercase DNS name (labels of a-z, 0-9, '-')",
+            "tls.ca: \"make-one\": must be \"generate\" or { cert: FILE, key: FILE }",
+            "tls.leaf_lifetime: must be at least 1s",
+            "hbone.max_streams_per_connection: must be between 1 and 10000",
+            "authorization.rules[0].identities[0]: \"spiffe://cluster.local/ns/a\": path must be /ns/<namespace>/sa/<service-account>",
+            "authorization.rules[0].identity_prefixes[0]: must start with spiffe:// and name at least a trust domain",
+            "authorization.rules[0].namespaces[0]: must be a DNS label",
+            "authorization.rules[0].ports[0]: must be between 1 and 65535",
+        ]
+    );
+}
+
+#[test]
+fn mesh_parse_errors_name_their_field() {
+    let (field, message) = parse_error("authorization: { mode: strict }\n");
+    assert_eq!(field, "authorization.mode");
+    assert!(message.contains("unknown variant"), "{message}");
+    let (field, message) = parse_error("authorization: { rules: [{ action: maybe }] }\n");
+    assert_eq!(field, "authorization.rules[0].action");
+    assert!(message.contains("unknown variant"), "{message}");
+    let (field, _) = parse_error("tls: { ca_cert: x }\n");
+    assert_eq!(field, "tls.ca_cert");
+    let (field, _) =
+        parse_error("services: [{ name: a, endpoints: [{ address: 10.0.0.1, zone: x }] }]\n");
+    assert_eq!(field, "services[0].endpoints[0].zone");
 }

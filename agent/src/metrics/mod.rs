@@ -73,6 +73,35 @@ pub struct ProxyMetrics {
     pub failures: Family<ErrorLabels, Counter>,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct DirectionLabels {
+    /// `outbound` (this node's client side) or `inbound` (this node's server side).
+    pub direction: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct DenyLabels {
+    /// One of a fixed set; see `hbone::Denial::reason`.
+    pub reason: &'static str,
+}
+
+/// Metrics of the HBONE tunnel, certificates and authorization.
+#[derive(Debug, Default)]
+pub struct HboneMetrics {
+    /// TLS connections established, per direction.
+    pub connections: Family<DirectionLabels, Counter>,
+    /// TLS connections open now, per direction.
+    pub connections_active: Family<DirectionLabels, Gauge>,
+    /// Tunnel streams (one per relayed connection) opened, per direction.
+    pub streams: Family<DirectionLabels, Counter>,
+    /// TLS handshakes that failed (untrusted or expired peer, wrong identity…).
+    pub handshake_failures: Family<DirectionLabels, Counter>,
+    /// Inbound streams refused by authorization, per reason.
+    pub denied: Family<DenyLabels, Counter>,
+    /// Workload certificates issued (first issue and every rotation).
+    pub certificates_issued: Counter,
+}
+
 /// Reads counters that live elsewhere (the eBPF per-CPU map) at scrape time.
 pub trait EbpfCounterSource: Send + Sync + std::fmt::Debug + 'static {
     fn read(&self) -> Vec<(&'static str, &'static str, u64)>;
@@ -99,11 +128,36 @@ impl Collector for EbpfCollector {
     }
 }
 
+/// A counter read at scrape time from somewhere else.
+struct ReadCounter {
+    name: &'static str,
+    help: &'static str,
+    read: Box<dyn Fn() -> u64 + Send + Sync>,
+}
+
+impl std::fmt::Debug for ReadCounter {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ReadCounter")
+            .field("name", &self.name)
+            .finish()
+    }
+}
+
+impl Collector for ReadCounter {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        let c = Counter::<u64>::default();
+        c.inc_by((self.read)());
+        let metric = encoder.encode_descriptor(self.name, self.help, None, c.metric_type())?;
+        c.encode(metric)
+    }
+}
+
 /// The registry plus handles to the metrics.
 #[derive(Debug)]
 pub struct Metrics {
     registry: std::sync::RwLock<Registry>,
     pub proxy: Arc<ProxyMetrics>,
+    pub hbone: Arc<HboneMetrics>,
 }
 
 impl Metrics {
@@ -144,9 +198,41 @@ impl Metrics {
             "Connections Ferry could not serve, by reason",
             proxy.failures.clone(),
         );
+        let hbone = Arc::new(HboneMetrics::default());
+        registry.register(
+            "ferry_hbone_connections",
+            "HBONE mutual-TLS connections established, per direction",
+            hbone.connections.clone(),
+        );
+        registry.register(
+            "ferry_hbone_connections_active",
+            "HBONE mutual-TLS connections open now, per direction",
+            hbone.connections_active.clone(),
+        );
+        registry.register(
+            "ferry_hbone_streams",
+            "HBONE streams (tunnelled connections) opened, per direction",
+            hbone.streams.clone(),
+        );
+        registry.register(
+            "ferry_tls_handshake_failures",
+            "Mutual-TLS handshakes that failed, per direction",
+            hbone.handshake_failures.clone(),
+        );
+        registry.register(
+            "ferry_authorization_denied",
+            "Inbound tunnelled connections refused by authorization, by reason",
+            hbone.denied.clone(),
+        );
+        registry.register(
+            "ferry_certificates_issued",
+            "Workload certificates issued (first issue and rotations)",
+            hbone.certificates_issued.clone(),
+        );
         Metrics {
             registry: std::sync::RwLock::new(registry),
             proxy,
+            hbone,
         }
     }
 
@@ -154,6 +240,17 @@ impl Metrics {
     pub fn register_ebpf(&self, source: Arc<dyn EbpfCounterSource>) {
         let mut r = self.registry.write().unwrap_or_else(|e| e.into_inner());
         r.register_collector(Box::new(EbpfCollector(source)));
+    }
+
+    /// Exports a counter kept elsewhere (e.g. by the kernel), read at scrape.
+    pub fn register_read_counter(
+        &self,
+        name: &'static str,
+        help: &'static str,
+        read: Box<dyn Fn() -> u64 + Send + Sync>,
+    ) {
+        let mut r = self.registry.write().unwrap_or_else(|e| e.into_inner());
+        r.register_collector(Box::new(ReadCounter { name, help, read }));
     }
 
     /// The text exposition.

@@ -41,6 +41,13 @@ pub enum Failure {
     ConnectFailed,
     /// The destination lookup itself failed.
     LookupError,
+    /// The endpoint is on another node and the client pod has no workload
+    /// identity (Ferry never tunnels under a node-wide identity).
+    NoSourceIdentity,
+    /// The endpoint's node has no HBONE address, or no tunnel is configured.
+    UnknownNode,
+    /// The tunnel to the endpoint's node failed or the peer refused the stream.
+    TunnelFailed,
 }
 
 impl Failure {
@@ -51,6 +58,9 @@ impl Failure {
             Failure::NoEndpoints => "no_endpoints",
             Failure::ConnectFailed => "connect_failed",
             Failure::LookupError => "lookup_error",
+            Failure::NoSourceIdentity => "no_source_identity",
+            Failure::UnknownNode => "unknown_node",
+            Failure::TunnelFailed => "tunnel_failed",
         }
     }
 }
@@ -89,6 +99,9 @@ pub struct Proxy {
     /// `SO_MARK` for upstream sockets (0: none).
     pub bypass_mark: u32,
     pub connect_timeout: Duration,
+    /// The HBONE client, for endpoints on other nodes (`None`: such
+    /// endpoints fail with `unknown_node`).
+    pub tunnel: Option<Arc<crate::hbone::pool::Pool>>,
 }
 
 /// Binds the outbound listener. A `[::]` address is made dual-stack.
@@ -217,13 +230,45 @@ impl Proxy {
         };
         let ep_addr = SocketAddr::new(ep.address, target.target_port);
         span.record("endpoint", tracing::field::display(ep_addr));
-        let upstream = match self.connect(ep_addr).await {
-            Ok(s) => s,
-            Err(e) => {
-                warn!(error = %e, "connect to endpoint failed");
-                self.fail(Failure::ConnectFailed);
-                relay::reset(&client);
-                return;
+        let upstream = match &ep.node {
+            None => match self.connect(ep_addr).await {
+                Ok(s) => Upstream::Direct(s),
+                Err(e) => {
+                    warn!(error = %e, "connect to endpoint failed");
+                    self.fail(Failure::ConnectFailed);
+                    relay::reset(&client);
+                    return;
+                }
+            },
+            Some(node) => {
+                let (Some(pool), Some(node_addr)) = (&self.tunnel, snapshot.node(node)) else {
+                    warn!(node = %node, "endpoint's node has no tunnel address; closing");
+                    self.fail(Failure::UnknownNode);
+                    relay::reset(&client);
+                    return;
+                };
+                let Some(source) = snapshot.workload(peer.ip()) else {
+                    warn!(
+                        "client is not a known workload, so it has no identity to tunnel with; closing"
+                    );
+                    self.fail(Failure::NoSourceIdentity);
+                    relay::reset(&client);
+                    return;
+                };
+                let Some(peer_id) = snapshot.endpoint_identity(ep) else {
+                    self.fail(Failure::UnknownNode);
+                    relay::reset(&client);
+                    return;
+                };
+                match pool.connect(source, node_addr, &peer_id, ep_addr).await {
+                    Ok(t) => Upstream::Tunnel(Box::new(t)),
+                    Err(e) => {
+                        warn!(error = %e, node = %node, src = %source, "tunnel to endpoint failed");
+                        self.fail(Failure::TunnelFailed);
+                        relay::reset(&client);
+                        return;
+                    }
+                }
             }
         };
         // One statement per family access: prometheus-client hands out a read
@@ -246,7 +291,10 @@ impl Proxy {
             })
             .clone();
         let observe = ByteCounters { up, down };
-        let out = relay::relay(client, upstream, &observe).await;
+        let out = match upstream {
+            Upstream::Direct(s) => relay::relay(client, s, &observe).await,
+            Upstream::Tunnel(t) => relay::relay(client, *t, &observe).await,
+        };
         info!(
             upstream_bytes = out.upstream_bytes,
             downstream_bytes = out.downstream_bytes,
@@ -276,6 +324,11 @@ impl Proxy {
             )),
         }
     }
+}
+
+enum Upstream {
+    Direct(TcpStream),
+    Tunnel(Box<crate::hbone::stream::TunnelStream>),
 }
 
 struct ByteCounters {

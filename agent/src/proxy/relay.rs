@@ -7,12 +7,45 @@
 //! * a reset stays a reset: when one side resets (or a write to it fails),
 //!   Ferry aborts the other side with RST (`SO_LINGER` 0), so an endpoint
 //!   crash is never reported to the client as a clean end of stream.
+//!
+//! Either side may be a TCP socket or anything else that implements
+//! [`Peer`]: the HBONE tunnel's HTTP/2 stream maps a FIN to END_STREAM and a
+//! reset to RST_STREAM, so the same rules hold across nodes.
 
 use std::io;
 
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::net::tcp::{ReadHalf, WriteHalf};
+
+/// One side of a relay: a byte stream that splits into a read and a write
+/// half (used concurrently) and can be aborted.
+pub trait Peer: Send {
+    type Read<'a>: AsyncRead + Unpin + Send
+    where
+        Self: 'a;
+    type Write<'a>: AsyncWrite + Unpin + Send
+    where
+        Self: 'a;
+    /// The two halves; `shutdown` on the write half sends a FIN (or its
+    /// equivalent), a read of 0 bytes is the peer's FIN, and a read error
+    /// is the peer's reset.
+    fn halves(&mut self) -> (Self::Read<'_>, Self::Write<'_>);
+    /// Ends the stream with a reset instead of a FIN (takes effect when the
+    /// peer is dropped, or at once).
+    fn abort(&mut self);
+}
+
+impl Peer for TcpStream {
+    type Read<'a> = ReadHalf<'a>;
+    type Write<'a> = WriteHalf<'a>;
+    fn halves(&mut self) -> (ReadHalf<'_>, WriteHalf<'_>) {
+        self.split()
+    }
+    fn abort(&mut self) {
+        reset(self)
+    }
+}
 
 /// Bytes per direction read at once.
 pub const BUF_SIZE: usize = 16 * 1024;
@@ -58,9 +91,9 @@ enum PumpError {
     Write(io::Error),
 }
 
-async fn pump(
-    from: &mut ReadHalf<'_>,
-    to: &mut WriteHalf<'_>,
+async fn pump<R: AsyncRead + Unpin, W: AsyncWrite + Unpin>(
+    from: &mut R,
+    to: &mut W,
     count: &mut u64,
     on_bytes: &(dyn Fn(u64) + Send + Sync),
 ) -> Result<(), PumpError> {
@@ -87,17 +120,17 @@ pub fn reset(stream: &TcpStream) {
 
 /// Relays until both directions are finished or one side resets; consumes
 /// both streams (they are closed, or reset, on return).
-pub async fn relay(
-    mut client: TcpStream,
-    mut endpoint: TcpStream,
+pub async fn relay<C: Peer, E: Peer>(
+    mut client: C,
+    mut endpoint: E,
     observe: &dyn Observe,
 ) -> Outcome {
     let mut up = 0u64;
     let mut down = 0u64;
     let mut error = None;
     let ending = {
-        let (mut cr, mut cw) = client.split();
-        let (mut er, mut ew) = endpoint.split();
+        let (mut cr, mut cw) = client.halves();
+        let (mut er, mut ew) = endpoint.halves();
         let on_up = |n| observe.upstream(n);
         let on_down = |n| observe.downstream(n);
         let upstream = pump(&mut cr, &mut ew, &mut up, &on_up);
@@ -126,8 +159,8 @@ pub async fn relay(
     };
     match ending {
         Ending::Clean => {}
-        Ending::ClientReset => reset(&endpoint),
-        Ending::EndpointReset => reset(&client),
+        Ending::ClientReset => endpoint.abort(),
+        Ending::EndpointReset => client.abort(),
     }
     Outcome {
         upstream_bytes: up,

@@ -5,14 +5,15 @@
 //! it started with and a bad reload never replaces the last good one (it is
 //! rejected before a snapshot is built).
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 
 use arc_swap::ArcSwap;
 
 use crate::balance::SmoothWeighted;
-use crate::config::{Config, Endpoint, Service};
+use crate::config::{Authorization, Config, Endpoint, Service};
+use crate::tls::Identity;
 
 /// One service as the proxy sees it.
 #[derive(Debug)]
@@ -45,6 +46,12 @@ pub struct Target<'a> {
 pub struct Snapshot {
     services: Vec<ServiceState>,
     by_vip: HashMap<(IpAddr, u16), (usize, u16)>,
+    trust_domain: String,
+    /// This node's pods, by address, with their identities.
+    workloads: HashMap<IpAddr, Identity>,
+    /// Other nodes' HBONE addresses.
+    nodes: BTreeMap<String, SocketAddr>,
+    authorization: Authorization,
 }
 
 impl Snapshot {
@@ -69,7 +76,60 @@ impl Snapshot {
                 }
             })
             .collect();
-        Snapshot { services, by_vip }
+        let trust_domain = config.tls.trust_domain.clone();
+        let workloads = config
+            .workloads
+            .iter()
+            .filter_map(|w| {
+                Identity::new(&trust_domain, &w.namespace, &w.service_account)
+                    .ok()
+                    .map(|id| (w.address, id))
+            })
+            .collect();
+        Snapshot {
+            services,
+            by_vip,
+            trust_domain,
+            workloads,
+            nodes: config.nodes.clone(),
+            authorization: config.authorization.clone(),
+        }
+    }
+
+    /// The identity of the local pod at `ip` (IPv4-mapped forms match).
+    pub fn workload(&self, ip: IpAddr) -> Option<&Identity> {
+        self.workloads.get(&canonical_ip(ip))
+    }
+
+    /// Every local workload identity, without duplicates.
+    pub fn workload_identities(&self) -> Vec<Identity> {
+        let mut ids: Vec<Identity> = self.workloads.values().cloned().collect();
+        ids.sort();
+        ids.dedup();
+        ids
+    }
+
+    /// Local workload addresses (what STRICT mode protects).
+    pub fn workload_addresses(&self) -> impl Iterator<Item = IpAddr> + '_ {
+        self.workloads.keys().copied()
+    }
+
+    /// The HBONE address of another node.
+    pub fn node(&self, name: &str) -> Option<SocketAddr> {
+        self.nodes.get(name).copied()
+    }
+
+    /// The identity an endpoint must present.
+    pub fn endpoint_identity(&self, ep: &Endpoint) -> Option<Identity> {
+        Identity::new(&self.trust_domain, &ep.namespace, &ep.service_account).ok()
+    }
+
+    pub fn authorization(&self) -> &Authorization {
+        &self.authorization
+    }
+
+    pub fn trust_domain(&self) -> &str {
+        &self.trust_domain
     }
 
     /// The service behind a service address and port, if any. IPv4-mapped
