@@ -9,6 +9,12 @@
 //! the node bridge is `10.77.1.1/24` and `fd77:1::1/64`; pods get
 //! `10.77.1.N` / `fd77:1::N`. Two topologies never see each other, so tests
 //! can run in parallel.
+//!
+//! [`Topology::add_second_node`] adds node B: its own namespace, bridge
+//! `10.77.2.1/24` (`fd77:2::1/64`, pods `10.77.2.N`) and cgroups, joined to
+//! node A by a veth pair (`n2` in A with `10.77.0.1/24`, `n1` in B with
+//! `10.77.0.2/24`), with routes to each other's pod subnet and forwarding
+//! on, like two machines on one L2 segment.
 
 use std::fmt::Write as _;
 use std::io::{Read, Write};
@@ -24,6 +30,12 @@ use anyhow::{Context, Result, bail};
 pub const NODE_V4: Ipv4Addr = Ipv4Addr::new(10, 77, 1, 1);
 /// Node address on the pod bridge (IPv6).
 pub const NODE_V6: Ipv6Addr = Ipv6Addr::new(0xfd77, 1, 0, 0, 0, 0, 0, 1);
+/// Node A's address on the node-to-node link.
+pub const LINK_A: Ipv4Addr = Ipv4Addr::new(10, 77, 0, 1);
+/// Node B's address on the node-to-node link.
+pub const LINK_B: Ipv4Addr = Ipv4Addr::new(10, 77, 0, 2);
+/// Node A's end of the node-to-node link (in node A's namespace).
+pub const LINK_IFACE_A: &str = "n2";
 
 /// Why a root test cannot run here, or `None` when it can.
 pub fn root_unavailable() -> Option<String> {
@@ -180,6 +192,16 @@ pub struct Topology {
     pods: Vec<Pod>,
     children: Vec<(String, Child)>,
     netns: Vec<String>,
+    /// Node B, once added.
+    pub node_b: Option<NodeB>,
+}
+
+/// The second node of a two-node topology.
+#[derive(Debug, Clone)]
+pub struct NodeB {
+    pub netns: String,
+    /// Node B's bridge address (its pods' gateway).
+    pub bridge_v4: Ipv4Addr,
 }
 
 impl Topology {
@@ -204,6 +226,7 @@ impl Topology {
             pods: Vec::new(),
             children: Vec::new(),
             netns: Vec::new(),
+            node_b: None,
         };
         // Clean leftovers of a crashed run with the same name.
         let _ = run("ip", &["netns", "del", &t.node_netns]);
@@ -235,16 +258,122 @@ impl Topology {
         Ok(t)
     }
 
+    /// Adds node B (see the module docs); the existing node is node A.
+    pub fn add_second_node(&mut self) -> Result<NodeB> {
+        if let Some(b) = &self.node_b {
+            return Ok(b.clone());
+        }
+        let netns = format!("{}-nodeb", self.name);
+        let _ = run("ip", &["netns", "del", &netns]);
+        run("ip", &["netns", "add", &netns])?;
+        self.netns.push(netns.clone());
+        let a = self.node_netns.clone();
+        let b = netns.clone();
+        run("ip", &["-n", &b, "link", "set", "lo", "up"])?;
+        run("ip", &["-n", &b, "link", "add", "br0", "type", "bridge"])?;
+        run(
+            "ip",
+            &["-n", &b, "addr", "add", "10.77.2.1/24", "dev", "br0"],
+        )?;
+        run(
+            "ip",
+            &[
+                "-n",
+                &b,
+                "addr",
+                "add",
+                "fd77:2::1/64",
+                "dev",
+                "br0",
+                "nodad",
+            ],
+        )?;
+        run("ip", &["-n", &b, "link", "set", "br0", "up"])?;
+        run(
+            "ip",
+            &[
+                "-n",
+                &a,
+                "link",
+                "add",
+                LINK_IFACE_A,
+                "type",
+                "veth",
+                "peer",
+                "name",
+                "n1",
+                "netns",
+                &b,
+            ],
+        )?;
+        run(
+            "ip",
+            &["-n", &a, "addr", "add", "10.77.0.1/24", "dev", LINK_IFACE_A],
+        )?;
+        run(
+            "ip",
+            &["-n", &b, "addr", "add", "10.77.0.2/24", "dev", "n1"],
+        )?;
+        run("ip", &["-n", &a, "link", "set", LINK_IFACE_A, "up"])?;
+        run("ip", &["-n", &b, "link", "set", "n1", "up"])?;
+        run(
+            "ip",
+            &["-n", &a, "route", "add", "10.77.2.0/24", "via", "10.77.0.2"],
+        )?;
+        run(
+            "ip",
+            &["-n", &b, "route", "add", "10.77.1.0/24", "via", "10.77.0.1"],
+        )?;
+        for ns in [&a, &b] {
+            run(
+                "ip",
+                &[
+                    "netns",
+                    "exec",
+                    ns,
+                    "sysctl",
+                    "-qw",
+                    "net.ipv4.ip_forward=1",
+                ],
+            )?;
+        }
+        let nb = NodeB {
+            netns,
+            bridge_v4: Ipv4Addr::new(10, 77, 2, 1),
+        };
+        self.node_b = Some(nb.clone());
+        Ok(nb)
+    }
+
     /// Adds a pod with host number `host` (2..=250): `10.77.1.host`.
     pub fn add_pod(&mut self, name: &str, host: u8) -> Result<Pod> {
+        let node = self.node_netns.clone();
+        self.add_pod_on(&node, 1, name, host)
+    }
+
+    /// Adds a pod on node B (after [`Topology::add_second_node`]):
+    /// `10.77.2.host`.
+    pub fn add_pod_b(&mut self, name: &str, host: u8) -> Result<Pod> {
+        let node = self
+            .node_b
+            .as_ref()
+            .context("add_second_node first")?
+            .netns
+            .clone();
+        self.add_pod_on(&node, 2, name, host)
+    }
+
+    fn add_pod_on(&mut self, node: &str, subnet: u8, name: &str, host: u8) -> Result<Pod> {
         let netns = format!("{}-{name}", self.name);
         let _ = run("ip", &["netns", "del", &netns]);
         run("ip", &["netns", "add", &netns])?;
         self.netns.push(netns.clone());
-        let node = self.node_netns.clone();
+        let node = node.to_owned();
         let veth = format!("v{host}");
-        let v4 = Ipv4Addr::new(10, 77, 1, host);
-        let v6 = Ipv6Addr::new(0xfd77, 1, 0, 0, 0, 0, 0, u16::from(host));
+        let v4 = Ipv4Addr::new(10, 77, subnet, host);
+        let v6 = Ipv6Addr::new(0xfd77, u16::from(subnet), 0, 0, 0, 0, 0, u16::from(host));
+        let gw4 = format!("10.77.{subnet}.1");
+        let gw6 = format!("fd77:{subnet}::1");
         run("ip", &["-n", &netns, "link", "set", "lo", "up"])?;
         run(
             "ip",
@@ -285,20 +414,11 @@ impl Topology {
         run("ip", &["-n", &netns, "link", "set", "eth0", "up"])?;
         run(
             "ip",
-            &["-n", &netns, "route", "add", "default", "via", "10.77.1.1"],
+            &["-n", &netns, "route", "add", "default", "via", &gw4],
         )?;
         run(
             "ip",
-            &[
-                "-n",
-                &netns,
-                "-6",
-                "route",
-                "add",
-                "default",
-                "via",
-                "fd77:1::1",
-            ],
+            &["-n", &netns, "-6", "route", "add", "default", "via", &gw6],
         )?;
         let pod = Pod {
             name: name.into(),
@@ -421,12 +541,23 @@ impl Topology {
     /// Writes a Ferry config for this topology and starts Ferry in the node
     /// namespace; returns when Ferry reports ready on its readiness port.
     pub fn start_ferry(&mut self, label: &str, config_yaml: &str) -> Result<Ferry> {
+        let node = self.node_netns.clone();
+        self.start_ferry_in(&node, label, config_yaml)
+    }
+
+    /// [`Topology::start_ferry`] in another node's namespace (node B's).
+    pub fn start_ferry_in(
+        &mut self,
+        node_netns: &str,
+        label: &str,
+        config_yaml: &str,
+    ) -> Result<Ferry> {
         let path = self.dir.join(format!("{label}.yaml"));
         std::fs::write(&path, config_yaml)?;
         let bin = ferry_binary()?;
         let log = std::fs::File::create(self.dir.join(format!("{label}.log")))?;
         let child = Command::new("nsenter")
-            .arg(format!("--net=/run/netns/{}", self.node_netns))
+            .arg(format!("--net=/run/netns/{node_netns}"))
             .arg(&bin)
             .args(["run", "--config"])
             .arg(&path)
@@ -445,7 +576,7 @@ impl Topology {
         let ferry = Ferry {
             label: label.to_owned(),
             pid,
-            node_netns: self.node_netns.clone(),
+            node_netns: node_netns.to_owned(),
             log: self.dir.join(format!("{label}.log")),
             config: path,
         };
@@ -484,6 +615,53 @@ impl Topology {
             }
             if start.elapsed() > timeout {
                 bail!("{label} still running after {timeout:?}");
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Starts a process directly in a network namespace (no cgroup move):
+    /// for tools such as tshark in a node namespace. Output goes to
+    /// `<dir>/<label>.log`; killed when the topology drops.
+    pub fn spawn_in_netns(
+        &mut self,
+        label: &str,
+        netns: &str,
+        program: &str,
+        args: &[&str],
+    ) -> Result<u32> {
+        let log = std::fs::File::create(self.dir.join(format!("{label}.log")))?;
+        let child = Command::new("nsenter")
+            .arg(format!("--net=/run/netns/{netns}"))
+            .arg(program)
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .spawn()
+            .with_context(|| format!("starting {label}"))?;
+        let pid = child.id();
+        self.children.push((label.to_owned(), child));
+        Ok(pid)
+    }
+
+    /// Sends SIGINT to one labelled child and waits (bounded) for it to exit,
+    /// so that tools like tshark flush their output.
+    pub fn interrupt(&mut self, label: &str, timeout: Duration) -> Result<()> {
+        let Some((_, child)) = self.children.iter_mut().find(|(l, _)| l == label) else {
+            bail!("no process labelled {label}");
+        };
+        // SAFETY: kill(2) on a pid we started, with a valid signal number.
+        unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
+        let start = Instant::now();
+        loop {
+            if child.try_wait()?.is_some() {
+                return Ok(());
+            }
+            if start.elapsed() > timeout {
+                let _ = child.kill();
+                let _ = child.wait();
+                bail!("{label} did not exit within {timeout:?} of SIGINT");
             }
             std::thread::sleep(Duration::from_millis(20));
         }

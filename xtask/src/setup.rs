@@ -41,6 +41,7 @@ pub const RUNTIME_TOOLS: &[(&str, &str)] = &[
     ("haproxy", "haproxy"),
     ("bpftool", "bpftool"),
     ("tshark", "tshark"),
+    ("nftables", "nft"),
 ];
 
 /// Answers tshark's install question (let non-root users capture?) so apt
