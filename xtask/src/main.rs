@@ -4,7 +4,9 @@
 //! Each task lives in its own module; this file only parses the command line
 //! and dispatches.
 
+mod bench_tunnel;
 mod ebpf;
+mod fuzz;
 mod setup;
 mod test;
 mod util;
@@ -56,6 +58,21 @@ enum Task {
     /// With CI=true, tests that need root fail instead of skipping
     /// (FERRY_REQUIRE_ROOT_TESTS=1). Exits non-zero when any step fails.
     Test(test::TestArgs),
+
+    /// Fuzz the inbound tunnel's request parsing briefly (cargo fuzz).
+    ///
+    /// Runs each target in agent/fuzz (`inbound_request`: CONNECT target
+    /// parsing; `inbound_h2`: raw HTTP/2 from an authenticated peer into the
+    /// inbound server) for its share of --seconds, with RUSTC_BOOTSTRAP=1.
+    /// Installs cargo-fuzz when missing. `cargo xtask test` runs it with CI=true.
+    Fuzz(fuzz::FuzzArgs),
+
+    /// Cross-node benchmark: direct vs HBONE tunnel between the same pods
+    /// (root).
+    ///
+    /// Throughput and p50/p99 round-trip latency, and new connections per
+    /// second with pooling on and off; results in tests/bench/TUNNEL.md.
+    BenchTunnel(bench_tunnel::BenchTunnelArgs),
 }
 
 fn main() -> ExitCode {
@@ -64,6 +81,8 @@ fn main() -> ExitCode {
         Task::Setup(args) => setup::run(args).map(drop),
         Task::BuildEbpf(args) => ebpf::run(args).map(drop),
         Task::Test(args) => test::run(args),
+        Task::Fuzz(args) => fuzz::run(args),
+        Task::BenchTunnel(args) => bench_tunnel::run(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -108,6 +127,15 @@ mod tests {
             args.cargo_test_args,
             ["-p", "ferry-agent", "--", "--nocapture"]
         );
+    }
+
+    #[test]
+    fn fuzz_flags() {
+        let cli = Cli::try_parse_from(["xtask", "fuzz", "--seconds", "5"]).unwrap();
+        assert!(matches!(cli.command, Task::Fuzz(ref a) if a.seconds == 5 && a.target.is_none()));
+        let cli = Cli::try_parse_from(["xtask", "fuzz"]).unwrap();
+        assert!(matches!(cli.command, Task::Fuzz(ref a) if a.seconds == 20));
+        assert!(Cli::try_parse_from(["xtask", "fuzz", "--target", "nope"]).is_err());
     }
 
     #[test]

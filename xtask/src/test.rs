@@ -4,7 +4,8 @@
 //! build (so the agent embeds the fresh object), then `cargo test
 //! --workspace`. `CI` passes through to the tests; with `CI=true`,
 //! `FERRY_REQUIRE_ROOT_TESTS=1` makes tests that need root fail instead of
-//! skipping.
+//! skipping. With `CI=true` it then fuzzes the inbound tunnel for 20 s
+//! (`cargo xtask fuzz`).
 
 use std::process::Command;
 use std::time::Instant;
@@ -56,6 +57,14 @@ pub fn run(args: &TestArgs) -> Result<()> {
     let mut test = cargo(&["test", "--workspace"]);
     test.args(&args.cargo_test_args);
     util::run(&mut test)?;
+
+    if ci {
+        util::header("fuzz (CI: 20 s over all targets)");
+        crate::fuzz::run(&crate::fuzz::FuzzArgs {
+            seconds: 20,
+            target: None,
+        })?;
+    }
 
     println!(
         "\nxtask test: all steps passed in {:.0?}",

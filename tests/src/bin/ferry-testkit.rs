@@ -4,6 +4,9 @@
 //! ```text
 //! ferry-testkit serve --id ID --listen ADDR [--mode http|drain-then-reply|reset] [--reply-bytes N]
 //! ferry-testkit halfclose-client --connect ADDR --send N
+//! ferry-testkit rr-client --connect ADDR --count N
+//! ferry-testkit stream-client --connect ADDR --seconds S
+//! ferry-testkit connrate-client --connect ADDR --seconds S --concurrency C
 //! ```
 //!
 //! * `http`: answers each request (one per connection) with
@@ -11,6 +14,18 @@
 //! * `drain-then-reply`: reads until the client's FIN, then sends
 //!   `got=N\n` followed by `--reply-bytes` bytes of a fixed pattern, then FIN.
 //! * `reset`: reads one chunk, then aborts the connection with RST.
+//! * `echo`: echoes every byte until the client's FIN.
+//! * `sink`: reads and discards until the client's FIN, then answers the
+//!   byte count.
+//!
+//! Benchmark clients (each bounded by its count or seconds):
+//! * `rr-client`: N one-byte request/responses on one connection (against
+//!   `echo`); prints `p50_us=.. p99_us=.. count=..`;
+//! * `stream-client`: sends as fast as it can for S seconds (against
+//!   `sink`); prints `bytes=.. seconds=.. mbit_s=..`;
+//! * `connrate-client`: C threads, each opening a new connection per
+//!   one-byte exchange (against `echo`), for S seconds; prints
+//!   `conns=.. per_s=.. failed=..`.
 //!
 //! `halfclose-client` sends N bytes, shuts down its write side, reads to the
 //! end and prints `received=BYTES pattern_ok=BOOL end=eof|reset|error:KIND`.
@@ -41,6 +56,9 @@ fn main() -> Result<()> {
     match args.first().map(String::as_str) {
         Some("serve") => serve(&args),
         Some("halfclose-client") => halfclose_client(&args),
+        Some("rr-client") => rr_client(&args),
+        Some("stream-client") => stream_client(&args),
+        Some("connrate-client") => connrate_client(&args),
         _ => bail!("usage: ferry-testkit serve|halfclose-client ... (see the source's header)"),
     }
 }
@@ -66,6 +84,8 @@ fn serve(args: &[String]) -> Result<()> {
                 "http" => serve_http(stream, &id),
                 "drain-then-reply" => serve_drain(stream, reply_bytes),
                 "reset" => serve_reset(stream),
+                "echo" => serve_echo(stream),
+                "sink" => serve_sink(stream),
                 other => Err(anyhow::anyhow!("unknown mode {other}")),
             };
             if let Err(e) = r {
@@ -153,6 +173,124 @@ fn serve_reset(mut s: TcpStream) -> Result<()> {
     let _ = s.read(&mut chunk)?;
     socket2::SockRef::from(&s).set_linger(Some(Duration::ZERO))?;
     drop(s);
+    Ok(())
+}
+
+fn serve_echo(mut s: TcpStream) -> Result<()> {
+    let _ = s.set_nodelay(true);
+    let mut buf = vec![0u8; 64 * 1024];
+    loop {
+        let n = s.read(&mut buf)?;
+        if n == 0 {
+            break;
+        }
+        s.write_all(&buf[..n])?;
+    }
+    s.shutdown(Shutdown::Write)?;
+    Ok(())
+}
+
+fn serve_sink(mut s: TcpStream) -> Result<()> {
+    let mut buf = vec![0u8; 256 * 1024];
+    let mut got = 0u64;
+    loop {
+        let n = s.read(&mut buf)?;
+        if n == 0 {
+            break;
+        }
+        got += n as u64;
+    }
+    s.write_all(format!("got={got}\n").as_bytes())?;
+    s.shutdown(Shutdown::Write)?;
+    Ok(())
+}
+
+fn connect(addr: SocketAddr) -> Result<TcpStream> {
+    let s = TcpStream::connect_timeout(&addr, Duration::from_secs(10))
+        .with_context(|| format!("connect {addr}"))?;
+    s.set_read_timeout(Some(Duration::from_secs(30)))?;
+    s.set_nodelay(true)?;
+    Ok(s)
+}
+
+fn rr_client(args: &[String]) -> Result<()> {
+    let addr: SocketAddr = need(args, "--connect")?.parse()?;
+    let count: usize = need(args, "--count")?.parse()?;
+    let mut s = connect(addr)?;
+    let mut lat = Vec::with_capacity(count);
+    let mut b = [0u8; 1];
+    for i in 0..count {
+        let t = std::time::Instant::now();
+        s.write_all(&[i as u8])?;
+        s.read_exact(&mut b)?;
+        lat.push(t.elapsed().as_micros() as u64);
+    }
+    lat.sort_unstable();
+    let pct = |p: f64| lat[((lat.len() as f64 * p) as usize).min(lat.len() - 1)];
+    println!("p50_us={} p99_us={} count={count}", pct(0.50), pct(0.99));
+    Ok(())
+}
+
+fn stream_client(args: &[String]) -> Result<()> {
+    let addr: SocketAddr = need(args, "--connect")?.parse()?;
+    let seconds: f64 = need(args, "--seconds")?.parse()?;
+    let mut s = connect(addr)?;
+    let chunk = vec![0x5au8; 256 * 1024];
+    let start = std::time::Instant::now();
+    let mut sent = 0u64;
+    while start.elapsed().as_secs_f64() < seconds {
+        s.write_all(&chunk)?;
+        sent += chunk.len() as u64;
+    }
+    s.shutdown(Shutdown::Write)?;
+    let mut reply = String::new();
+    s.read_to_string(&mut reply)?;
+    let secs = start.elapsed().as_secs_f64();
+    if reply.trim() != format!("got={sent}") {
+        bail!("sink answered {reply:?} after {sent} bytes");
+    }
+    println!(
+        "bytes={sent} seconds={secs:.2} mbit_s={:.0}",
+        sent as f64 * 8.0 / secs / 1e6
+    );
+    Ok(())
+}
+
+fn connrate_client(args: &[String]) -> Result<()> {
+    let addr: SocketAddr = need(args, "--connect")?.parse()?;
+    let seconds: f64 = need(args, "--seconds")?.parse()?;
+    let threads: usize = need(args, "--concurrency")?.parse()?;
+    let start = std::time::Instant::now();
+    let handles: Vec<_> = (0..threads)
+        .map(|_| {
+            std::thread::spawn(move || {
+                let (mut ok, mut failed) = (0u64, 0u64);
+                while start.elapsed().as_secs_f64() < seconds {
+                    let r = connect(addr).and_then(|mut s| {
+                        s.write_all(b"x")?;
+                        let mut b = [0u8; 1];
+                        s.read_exact(&mut b)?;
+                        Ok(())
+                    });
+                    match r {
+                        Ok(()) => ok += 1,
+                        Err(_) => failed += 1,
+                    }
+                }
+                (ok, failed)
+            })
+        })
+        .collect();
+    let (mut ok, mut failed) = (0u64, 0u64);
+    for h in handles {
+        let (o, f) = h
+            .join()
+            .map_err(|_| anyhow::anyhow!("client thread panicked"))?;
+        ok += o;
+        failed += f;
+    }
+    let secs = start.elapsed().as_secs_f64();
+    println!("conns={ok} per_s={:.0} failed={failed}", ok as f64 / secs);
     Ok(())
 }
 
