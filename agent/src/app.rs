@@ -161,8 +161,9 @@ pub async fn run(config: Config, config_path: Option<PathBuf>) -> Result<(), App
             0
         },
         connect_timeout: config.proxy.connect_timeout,
-        tunnel: Some(pool),
+        tunnel: Some(pool.clone()),
     });
+    let pool_handle = pool;
     if let Some(c) = &capture {
         metrics.register_ebpf(Arc::new(CaptureCounters(c.clone())));
     }
@@ -181,6 +182,11 @@ pub async fn run(config: Config, config_path: Option<PathBuf>) -> Result<(), App
         tracker.clone(),
         stop_accepting.clone(),
         kill.clone(),
+    ));
+    tokio::spawn(hbone::pool::run_idle_reaper(
+        pool_handle,
+        hbone::POOL_IDLE_TIMEOUT,
+        admin_stop.clone(),
     ));
     tokio::spawn(tls::store::run_rotation(
         tls.store().clone(),

@@ -922,3 +922,38 @@ async fn rotation_under_continuous_traffic() {
         "A issued its first certificate and one per rotation"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_pooled_connections_are_closed_busy_ones_are_not() {
+    let m = mesh(Opts::default()).await;
+    let held = hold_open(m.vip, 3).await;
+    // Busy: never closed, however short the idle limit.
+    assert_eq!(m.pool.close_idle(Duration::ZERO), 0);
+    drop(held);
+    let mut closed = 0;
+    eventually("the idle connection to be closed", || {
+        closed += m.pool.close_idle(Duration::ZERO);
+        closed == 1
+    })
+    .await;
+    eventually("both sides to see it closed", || {
+        sample(
+            &m.metrics_a,
+            r#"ferry_hbone_connections_active{direction="outbound"}"#,
+        ) == 0.0
+            && sample(
+                &m.metrics_b,
+                r#"ferry_hbone_connections_active{direction="inbound"}"#,
+            ) == 0.0
+    })
+    .await;
+    // The next stream opens a new connection.
+    assert_eq!(echo_round(m.vip, b"again").await.unwrap(), b"again");
+    assert_eq!(
+        sample(
+            &m.metrics_a,
+            r#"ferry_hbone_connections_total{direction="outbound"}"#
+        ),
+        2.0
+    );
+}

@@ -32,6 +32,8 @@ pub const STREAM_WINDOW: u32 = 1024 * 1024;
 pub const CONNECTION_WINDOW: u32 = 8 * 1024 * 1024;
 /// Largest HTTP/2 frame payload we accept.
 pub const MAX_FRAME: u32 = 64 * 1024;
+/// A pooled tunnel connection without streams for this long is closed.
+pub const POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
 /// Upper bound on a TLS handshake.
 pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 

@@ -12,7 +12,7 @@
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -25,7 +25,7 @@ use tokio::net::{TcpSocket, TcpStream};
 use tokio_rustls::TlsConnector;
 use tracing::{Instrument, debug, debug_span, warn};
 
-use super::stream::{Slot, TunnelStream};
+use super::stream::{Slot, TunnelStream, Usage, now_ms};
 use super::{CONNECTION_WINDOW, HANDSHAKE_TIMEOUT, HboneError, MAX_FRAME, STREAM_WINDOW};
 use crate::metrics::{DirectionLabels, HboneMetrics};
 use crate::tls::{ALPN_H2, Identity, TlsContext, TlsError};
@@ -58,8 +58,9 @@ struct PoolKey {
 struct Conn {
     id: u64,
     send: SendRequest<Bytes>,
-    /// Streams open (or being opened) on this connection.
-    active: Arc<AtomicUsize>,
+    /// Streams open (or being opened) on this connection, and since when
+    /// it has had none.
+    usage: Arc<Usage>,
     /// Set when the connection has ended; it is then never chosen again.
     closed: Arc<AtomicBool>,
 }
@@ -108,6 +109,43 @@ impl Pool {
             .sum()
     }
 
+    /// Closes pooled connections that have carried no stream for `max_idle`
+    /// (their streams are all done, so nothing is cut); returns how many.
+    pub fn close_idle(&self, max_idle: Duration) -> usize {
+        let cutoff = now_ms().saturating_sub(max_idle.as_millis() as u64);
+        let entries: Vec<(PoolKey, Entry)> = self
+            .conns
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+            .map(|(k, e)| (k.clone(), e.clone()))
+            .collect();
+        let mut closed = 0;
+        for (key, entry) in entries {
+            // A key being dialled is busy, not idle.
+            let Ok(mut list) = entry.try_lock() else {
+                continue;
+            };
+            let before = list.len();
+            list.retain(|c| {
+                !c.closed.load(Ordering::Acquire)
+                    && (c.usage.active.load(Ordering::Acquire) > 0
+                        || c.usage.idle_since_ms.load(Ordering::Acquire) > cutoff)
+            });
+            closed += before - list.len();
+            if list.is_empty() {
+                drop(list);
+                let mut map = self.conns.lock().unwrap_or_else(|e| e.into_inner());
+                if map.get(&key).is_some_and(|e| Arc::ptr_eq(e, &entry))
+                    && Arc::strong_count(&entry) <= 2
+                {
+                    map.remove(&key);
+                }
+            }
+        }
+        closed
+    }
+
     /// Opens a stream to `target` (a pod on the node at `node`, which must
     /// present `peer`), on behalf of a pod with identity `source`.
     pub async fn connect(
@@ -119,8 +157,7 @@ impl Pool {
     ) -> Result<TunnelStream, HboneError> {
         if !self.settings.pooling {
             let conn = self.dial(source, node, peer).await?;
-            conn.active.fetch_add(1, Ordering::AcqRel);
-            let slot = Slot(conn.active.clone());
+            let slot = Slot::take(&conn.usage);
             return self.open_stream(&conn, target, slot).await;
         }
         let key = PoolKey {
@@ -143,7 +180,7 @@ impl Pool {
                 list.retain(|c| !c.closed.load(Ordering::Acquire));
                 let found = list
                     .iter()
-                    .find(|c| c.active.load(Ordering::Acquire) < self.settings.max_streams)
+                    .find(|c| c.usage.active.load(Ordering::Acquire) < self.settings.max_streams)
                     .cloned();
                 let conn = match found {
                     Some(c) => c,
@@ -153,8 +190,7 @@ impl Pool {
                         c
                     }
                 };
-                conn.active.fetch_add(1, Ordering::AcqRel);
-                let slot = Slot(conn.active.clone());
+                let slot = Slot::take(&conn.usage);
                 (conn, slot)
             };
             match self.open_stream(&conn, target, slot).await {
@@ -273,10 +309,12 @@ impl Pool {
             }
             .instrument(span),
         );
+        let usage = Arc::new(Usage::default());
+        usage.idle_since_ms.store(now_ms(), Ordering::Release);
         Ok(Arc::new(Conn {
             id,
             send,
-            active: Arc::new(AtomicUsize::new(0)),
+            usage,
             closed,
         }))
     }
@@ -303,5 +341,24 @@ pub async fn connect_marked(
             std::io::ErrorKind::TimedOut,
             format!("no answer within {timeout:?}"),
         )),
+    }
+}
+
+/// Closes idle pooled connections every `max_idle / 2` until `stop` fires.
+pub async fn run_idle_reaper(
+    pool: Arc<Pool>,
+    max_idle: Duration,
+    stop: tokio_util::sync::CancellationToken,
+) {
+    let every = (max_idle / 2).max(Duration::from_millis(100));
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tokio::time::sleep(every) => {}
+        }
+        let n = pool.close_idle(max_idle);
+        if n > 0 {
+            debug!(closed = n, "idle tunnel connections closed");
+        }
     }
 }

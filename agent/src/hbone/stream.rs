@@ -11,9 +11,10 @@
 
 use std::io;
 use std::pin::Pin;
-use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, OnceLock};
 use std::task::{Context, Poll, ready};
+use std::time::Instant;
 
 use bytes::{Buf, Bytes};
 use h2::{Reason, RecvStream, SendStream};
@@ -24,13 +25,42 @@ use crate::proxy::relay::Peer;
 /// Largest DATA payload written at once.
 const MAX_CHUNK: usize = 64 * 1024;
 
-/// Releases a pooled connection's stream slot when the stream ends.
+/// Stream accounting of one tunnel connection.
+#[derive(Debug, Default)]
+pub struct Usage {
+    /// Streams open (or being opened).
+    pub active: AtomicUsize,
+    /// When the last stream ended, in milliseconds since [`epoch`].
+    pub idle_since_ms: AtomicU64,
+}
+
+/// The reference point of [`Usage::idle_since_ms`].
+pub fn epoch() -> Instant {
+    static EPOCH: OnceLock<Instant> = OnceLock::new();
+    *EPOCH.get_or_init(Instant::now)
+}
+
+/// Milliseconds since [`epoch`].
+pub fn now_ms() -> u64 {
+    epoch().elapsed().as_millis() as u64
+}
+
+/// Holds one stream slot of a connection; released when the stream ends.
 #[derive(Debug)]
-pub struct Slot(pub Arc<AtomicUsize>);
+pub struct Slot(Arc<Usage>);
+
+impl Slot {
+    pub fn take(usage: &Arc<Usage>) -> Slot {
+        usage.active.fetch_add(1, Ordering::AcqRel);
+        Slot(usage.clone())
+    }
+}
 
 impl Drop for Slot {
     fn drop(&mut self) {
-        self.0.fetch_sub(1, Ordering::AcqRel);
+        if self.0.active.fetch_sub(1, Ordering::AcqRel) == 1 {
+            self.0.idle_since_ms.store(now_ms(), Ordering::Release);
+        }
     }
 }
 
