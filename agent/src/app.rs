@@ -14,6 +14,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{error, info, warn};
 
+use crate::balance::{BalanceMetrics, Registry};
 use crate::capture::{Capture, CaptureError};
 use crate::config::{self, Config};
 use crate::metrics::{self, EbpfCounterSource, Metrics, MetricsError, Readiness};
@@ -60,7 +61,16 @@ pub async fn run(config: Config, config_path: Option<PathBuf>) -> Result<(), App
 
     let metrics = Arc::new(Metrics::new(&config.node_name));
     let ready = Arc::new(Readiness::default());
-    let state = Arc::new(State::new(Snapshot::new(&config)));
+    let balance_metrics = Arc::new(BalanceMetrics::default());
+    metrics.register_balance(&balance_metrics);
+    let registry = Arc::new(Registry::new(balance_metrics.clone()));
+    let state = Arc::new(State::new(Snapshot::build(&config, &registry)));
+    let mark = if config.capture.enabled {
+        config.capture.bypass_mark
+    } else {
+        0
+    };
+    start_snapshot_tasks(&state.load(), mark);
 
     let outbound = proxy::bind(config.listeners.outbound)?;
     let metrics_listener = metrics::bind("metrics", config.listeners.metrics).await?;
@@ -100,13 +110,11 @@ pub async fn run(config: Config, config_path: Option<PathBuf>) -> Result<(), App
         state: state.clone(),
         metrics: metrics.proxy.clone(),
         destinations,
-        bypass_mark: if config.capture.enabled {
-            config.capture.bypass_mark
-        } else {
-            0
-        },
-        connect_timeout: config.proxy.connect_timeout,
+        bypass_mark: mark,
+        balance_metrics: balance_metrics.clone(),
     });
+    let maintenance_stop = CancellationToken::new();
+    tokio::spawn(maintain(state.clone(), maintenance_stop.clone()));
     if let Some(c) = &capture {
         metrics.register_ebpf(Arc::new(CaptureCounters(c.clone())));
     }
@@ -147,7 +155,7 @@ pub async fn run(config: Config, config_path: Option<PathBuf>) -> Result<(), App
                         if new.listeners != current.listeners || new.capture != current.capture {
                             warn!("listeners and capture settings change only on restart; services are reloaded");
                         }
-                        let snapshot = Snapshot::new(&new);
+                        let snapshot = Snapshot::build(&new, &registry);
                         if let Some(c) = &capture
                             && let Err(e) = c.sync_services(&snapshot)
                         {
@@ -157,6 +165,7 @@ pub async fn run(config: Config, config_path: Option<PathBuf>) -> Result<(), App
                             }
                             continue;
                         }
+                        start_snapshot_tasks(&snapshot, mark);
                         state.store(snapshot);
                         info!(services = new.services.len(), "configuration reloaded");
                         current = new;
@@ -188,8 +197,40 @@ pub async fn run(config: Config, config_path: Option<PathBuf>) -> Result<(), App
         tracker.wait().await;
     }
     admin_stop.cancel();
+    maintenance_stop.cancel();
     drop(proxy);
     drop(capture);
     info!("drained; capture detached; bye");
     Ok(())
+}
+
+/// Starts the background work a snapshot needs (active health checks); it
+/// stops when the snapshot is replaced and dropped.
+fn start_snapshot_tasks(snapshot: &Snapshot, mark: u32) {
+    for set in snapshot.sets() {
+        if let Some(hc) = &set.policy().health_check {
+            tokio::spawn(crate::balance::health::run(
+                set.clone(),
+                hc.clone(),
+                mark,
+                snapshot.stop_token(),
+            ));
+        }
+    }
+}
+
+/// Ends ejections whose time is up, across the current snapshot.
+async fn maintain(state: Arc<State>, stop: CancellationToken) {
+    let mut tick = tokio::time::interval(std::time::Duration::from_millis(100));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        let now = std::time::Instant::now();
+        for set in state.load().sets() {
+            set.expire_ejections(now);
+        }
+    }
 }

@@ -10,6 +10,15 @@ const EXAMPLE: &str = include_str!("../../../deploy/examples/ferry.yaml");
 /// Capture off, so a test can look at one rule without the capture ones.
 const NO_CAPTURE: &str = "capture: { enabled: false }\n";
 
+fn ep(addr: &str, weight: u32) -> Endpoint {
+    Endpoint {
+        target: EndpointTarget::Ip(ip(addr)),
+        port: None,
+        weight,
+        locality: Locality::default(),
+    }
+}
+
 fn ip(s: &str) -> IpAddr {
     s.parse().expect("test address")
 }
@@ -61,6 +70,11 @@ fn example_file_parses_with_documented_values() {
     let c = ok(EXAMPLE);
     let expected = Config {
         node_name: "node-a".into(),
+        locality: Locality {
+            node: Some("node-a".into()),
+            zone: None,
+            region: None,
+        },
         listeners: Listeners {
             outbound: "[::]:15001".parse().unwrap(),
             metrics: "0.0.0.0:15020".parse().unwrap(),
@@ -75,7 +89,7 @@ fn example_file_parses_with_documented_values() {
             ebpf_log: false,
         },
         proxy: Proxy {
-            connect_timeout: Duration::from_secs(5),
+            connect_timeout: Duration::from_secs(1),
             drain_deadline: Duration::from_secs(30),
         },
         services: vec![Service {
@@ -86,20 +100,16 @@ fn example_file_parses_with_documented_values() {
                 port: 80,
                 target_port: 8080,
             }],
-            endpoints: vec![
-                Endpoint {
-                    address: ip("10.77.1.11"),
-                    weight: 60,
-                },
-                Endpoint {
-                    address: ip("10.77.1.12"),
-                    weight: 30,
-                },
-                Endpoint {
-                    address: ip("10.77.1.13"),
-                    weight: 10,
-                },
-            ],
+            sets: vec![BackendSet {
+                name: "default".into(),
+                weight: 1,
+                endpoints: vec![
+                    ep("10.77.1.11", 60),
+                    ep("10.77.1.12", 30),
+                    ep("10.77.1.13", 10),
+                ],
+            }],
+            policy: c.services[0].policy.clone(),
         }],
     };
     assert_eq!(c, expected);
@@ -147,7 +157,7 @@ fn defaults() {
     assert!(!c.capture.ebpf_log);
     assert!(c.capture.cgroups.is_empty());
     assert_eq!(c.proxy.drain_deadline, Duration::from_secs(30));
-    assert_eq!(c.proxy.connect_timeout, Duration::from_secs(5));
+    assert_eq!(c.proxy.connect_timeout, Duration::from_secs(1));
     // Without node.name, the host name (never empty).
     assert!(!c.node_name.is_empty());
     assert_eq!(c.node_name, hostname());
@@ -163,12 +173,11 @@ fn defaults() {
         }]
     );
     assert_eq!(
-        s.endpoints,
-        vec![Endpoint {
-            address: ip("10.1.0.7"),
-            weight: 1
-        }]
+        s.endpoints().cloned().collect::<Vec<_>>(),
+        vec![ep("10.1.0.7", 1)]
     );
+    assert_eq!(s.sets.len(), 1);
+    assert_eq!(s.sets[0].name, "default");
 }
 
 #[test]
@@ -207,7 +216,7 @@ services:
     assert_eq!(c.proxy.drain_deadline, Duration::from_secs(90));
     assert_eq!(c.services[0].key(), "shop/web");
     assert_eq!(c.services[0].ports[0].target_port, 8080);
-    assert_eq!(c.services[0].endpoints[0].weight, 1_000_000);
+    assert_eq!(c.services[0].sets[0].endpoints[0].weight, 1_000_000);
 }
 
 #[test]
@@ -274,7 +283,8 @@ fn parse_error_names_the_field_once() {
     assert_eq!(
         e.to_string(),
         "test.yaml: services[0].endpoint: unknown field `endpoint`, expected one of \
-         `name`, `namespace`, `addresses`, `ports`, `endpoints` at line 4 column 5"
+         `name`, `namespace`, `addresses`, `ports`, `endpoints`, `backend_sets`, `balancing`, \
+         `failover`, `outlier_detection`, `health_check` at line 4 column 5"
     );
     let e = parse("proxy: { connect_timeout: 5 }\n", "test.yaml").unwrap_err();
     assert_eq!(

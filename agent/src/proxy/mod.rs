@@ -5,13 +5,14 @@ pub mod relay;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use tokio::net::{TcpListener, TcpSocket, TcpStream};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{Instrument, debug, info, info_span, warn};
 
+use crate::balance::{BalanceMetrics, ConnectFailure, ServiceLabel};
 use crate::capture::Capture;
 use crate::metrics::{BytesLabels, ErrorLabels, ProxyMetrics, ServiceLabels};
 use crate::state::State;
@@ -88,7 +89,7 @@ pub struct Proxy {
     pub destinations: Destinations,
     /// `SO_MARK` for upstream sockets (0: none).
     pub bypass_mark: u32,
-    pub connect_timeout: Duration,
+    pub balance_metrics: Arc<BalanceMetrics>,
 }
 
 /// Binds the outbound listener. A `[::]` address is made dual-stack.
@@ -209,23 +210,74 @@ impl Proxy {
             self.metrics.closed.get_or_create(&labels).inc();
         });
 
-        let Some(ep) = svc.pick() else {
-            warn!("service has no endpoints; closing");
+        let balancer = &target.port.balancer;
+        let Some(set) = balancer.choose_set() else {
+            warn!("service has no backend sets; closing");
             self.fail(Failure::NoEndpoints);
             relay::reset(&client);
             return;
         };
-        let ep_addr = SocketAddr::new(ep.address, target.target_port);
-        span.record("endpoint", tracing::field::display(ep_addr));
-        let upstream = match self.connect(ep_addr).await {
-            Ok(s) => s,
-            Err(e) => {
-                warn!(error = %e, "connect to endpoint failed");
-                self.fail(Failure::ConnectFailed);
-                relay::reset(&client);
-                return;
+        // Connect failover: each attempt to a different endpoint, within the
+        // per-attempt timeout and the overall budget, before any byte is
+        // read from the client.
+        let fo = balancer.policy.failover;
+        let deadline = Instant::now() + fo.budget;
+        let mut tried: Vec<SocketAddr> = Vec::new();
+        let mut connected = None;
+        for attempt in 0..fo.max_connect_attempts {
+            let Some(member) = set.pick(&tried) else {
+                break;
+            };
+            let addr = member.stats.addr;
+            tried.push(addr);
+            let now = Instant::now();
+            if now >= deadline {
+                break;
             }
+            if attempt > 0 {
+                self.balance_metrics
+                    .retries
+                    .get_or_create(&ServiceLabel {
+                        service: svc.key.clone(),
+                    })
+                    .inc();
+            }
+            member.stats.on_attempt();
+            let timeout = fo.connect_timeout.min(deadline - now);
+            match self.connect(addr, timeout).await {
+                Ok(stream) => {
+                    set.report_success(&member, now.elapsed());
+                    connected = Some((stream, member));
+                    break;
+                }
+                Err(e) => {
+                    let why = ConnectFailure::classify(&e);
+                    warn!(attempt = attempt + 1, endpoint = %addr, reason = why.reason(), error = %e, "connect failed");
+                    set.report_failure(&member, why);
+                }
+            }
+        }
+        let Some((upstream, member)) = connected else {
+            warn!(
+                attempts = tried.len(),
+                "no endpoint could be connected; resetting the client"
+            );
+            self.balance_metrics
+                .exhausted
+                .get_or_create(&ServiceLabel {
+                    service: svc.key.clone(),
+                })
+                .inc();
+            self.fail(if tried.is_empty() {
+                Failure::NoEndpoints
+            } else {
+                Failure::ConnectFailed
+            });
+            relay::reset(&client);
+            return;
         };
+        span.record("endpoint", tracing::field::display(member.stats.addr));
+        let _active = member.stats.begin();
         // One statement per family access: prometheus-client hands out a read
         // guard that lives until the end of the statement, and a second
         // get_or_create in the same statement would wait on it forever.
@@ -258,7 +310,7 @@ impl Proxy {
 
     /// Connects to an endpoint with Ferry's bypass mark, so capture never
     /// redirects Ferry's own connections.
-    pub async fn connect(&self, addr: SocketAddr) -> std::io::Result<TcpStream> {
+    pub async fn connect(&self, addr: SocketAddr, timeout: Duration) -> std::io::Result<TcpStream> {
         let sock = if addr.is_ipv4() {
             TcpSocket::new_v4()?
         } else {
@@ -268,11 +320,11 @@ impl Proxy {
             socket2::SockRef::from(&sock).set_mark(self.bypass_mark)?;
         }
         sock.set_nodelay(true)?;
-        match tokio::time::timeout(self.connect_timeout, sock.connect(addr)).await {
+        match tokio::time::timeout(timeout, sock.connect(addr)).await {
             Ok(r) => r,
             Err(_) => Err(std::io::Error::new(
                 std::io::ErrorKind::TimedOut,
-                format!("no answer within {:?}", self.connect_timeout),
+                format!("no answer within {timeout:?}"),
             )),
         }
     }

@@ -5,14 +5,23 @@
 //! it started with and a bad reload never replaces the last good one (it is
 //! rejected before a snapshot is built).
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 
 use arc_swap::ArcSwap;
+use tokio_util::sync::CancellationToken;
 
-use crate::balance::SmoothWeighted;
-use crate::config::{Config, Endpoint, Service};
+use crate::balance::{HostnameEndpoint, Registry, ServiceBalancer, SetBalancer};
+use crate::config::{Config, EndpointTarget, Service};
+
+/// One service port's balancing.
+#[derive(Debug)]
+pub struct PortState {
+    pub port: u16,
+    pub target_port: u16,
+    pub balancer: ServiceBalancer,
+}
 
 /// One service as the proxy sees it.
 #[derive(Debug)]
@@ -22,70 +31,140 @@ pub struct ServiceState {
     /// `namespace/name`.
     pub key: String,
     pub service: Service,
-    picker: SmoothWeighted,
-}
-
-impl ServiceState {
-    /// The next endpoint by weight, or `None` when the service has none.
-    pub fn pick(&self) -> Option<&Endpoint> {
-        self.picker.pick().map(|i| &self.service.endpoints[i])
-    }
+    pub ports: Vec<PortState>,
 }
 
 /// What a captured destination resolves to.
 #[derive(Debug, Clone, Copy)]
 pub struct Target<'a> {
     pub service: &'a ServiceState,
-    /// The port endpoints listen on for this service port.
-    pub target_port: u16,
+    pub port: &'a PortState,
 }
 
-/// An immutable view of the configured services.
+/// An immutable view of the configured services. Background work tied to
+/// it (health checks) stops when it is dropped.
 #[derive(Debug)]
 pub struct Snapshot {
     services: Vec<ServiceState>,
-    by_vip: HashMap<(IpAddr, u16), (usize, u16)>,
+    by_vip: HashMap<(IpAddr, u16), (usize, usize)>,
+    stop: CancellationToken,
+}
+
+impl Drop for Snapshot {
+    fn drop(&mut self) {
+        self.stop.cancel();
+    }
 }
 
 impl Snapshot {
+    /// Builds a snapshot with fresh endpoint state (tests, tools).
     pub fn new(config: &Config) -> Snapshot {
+        Snapshot::build(config, &Arc::new(Registry::default()))
+    }
+
+    /// Builds a snapshot, reusing the state of endpoints `registry` already
+    /// knows and forgetting those no longer configured.
+    pub fn build(config: &Config, registry: &Arc<Registry>) -> Snapshot {
         let mut by_vip = HashMap::new();
+        let mut live = HashSet::new();
         let services = config
             .services
             .iter()
             .enumerate()
             .map(|(i, s)| {
-                for a in &s.addresses {
-                    for p in &s.ports {
-                        by_vip.insert((*a, p.port), (i, p.target_port));
-                    }
-                }
-                let weights: Vec<u32> = s.endpoints.iter().map(|e| e.weight).collect();
+                let key = s.key();
+                let ports = s
+                    .ports
+                    .iter()
+                    .enumerate()
+                    .map(|(pi, p)| {
+                        for a in &s.addresses {
+                            by_vip.insert((*a, p.port), (i, pi));
+                        }
+                        let sets = s
+                            .sets
+                            .iter()
+                            .map(|set| {
+                                let mut statics = Vec::new();
+                                let mut hostnames = Vec::new();
+                                for e in &set.endpoints {
+                                    let port = e.port.unwrap_or(p.target_port);
+                                    match &e.target {
+                                        EndpointTarget::Ip(ip) => {
+                                            let addr = SocketAddr::new(*ip, port);
+                                            live.insert((key.clone(), addr));
+                                            statics.push((addr, e.weight, e.locality.clone()));
+                                        }
+                                        EndpointTarget::Hostname(h) => {
+                                            hostnames.push(HostnameEndpoint {
+                                                hostname: h.clone(),
+                                                port,
+                                                weight: e.weight,
+                                                locality: e.locality.clone(),
+                                            })
+                                        }
+                                    }
+                                }
+                                Arc::new(SetBalancer::new(
+                                    &key,
+                                    &set.name,
+                                    set.weight,
+                                    &config.locality,
+                                    &s.policy,
+                                    registry.clone(),
+                                    statics,
+                                    hostnames,
+                                ))
+                            })
+                            .collect();
+                        PortState {
+                            port: p.port,
+                            target_port: p.target_port,
+                            balancer: ServiceBalancer::new(&key, &s.policy, sets),
+                        }
+                    })
+                    .collect();
                 ServiceState {
                     id: i as u32,
-                    key: s.key(),
+                    key,
                     service: s.clone(),
-                    picker: SmoothWeighted::new(&weights),
+                    ports,
                 }
             })
             .collect();
-        Snapshot { services, by_vip }
+        registry.retain_static(&live);
+        Snapshot {
+            services,
+            by_vip,
+            stop: CancellationToken::new(),
+        }
     }
 
     /// The service behind a service address and port, if any. IPv4-mapped
     /// IPv6 addresses match their IPv4 form.
     pub fn lookup(&self, dst: SocketAddr) -> Option<Target<'_>> {
         let ip = canonical_ip(dst.ip());
-        self.by_vip
-            .get(&(ip, dst.port()))
-            .map(|(i, target_port)| Target {
-                service: &self.services[*i],
-                target_port: *target_port,
-            })
+        self.by_vip.get(&(ip, dst.port())).map(|(i, pi)| Target {
+            service: &self.services[*i],
+            port: &self.services[*i].ports[*pi],
+        })
     }
 
     pub fn services(&self) -> &[ServiceState] {
         &self.services
+    }
+
+    /// Every backend set of every service port.
+    pub fn sets(&self) -> impl Iterator<Item = &Arc<SetBalancer>> + '_ {
+        self.services
+            .iter()
+            .flat_map(|s| s.ports.iter())
+            .flat_map(|p| p.balancer.sets.iter())
+    }
+
+    /// Cancelled when this snapshot is dropped (replaced and unused).
+    pub fn stop_token(&self) -> CancellationToken {
+        self.stop.clone()
     }
 
     /// Every (service address, port) with its service id: what capture matches.
@@ -153,7 +232,7 @@ services:
         for dst in ["10.96.0.20:80", "[fd96::20]:80", "[::ffff:10.96.0.20]:80"] {
             let t = snap.lookup(dst.parse().unwrap()).expect(dst);
             assert_eq!(t.service.key, "default/web");
-            assert_eq!(t.target_port, 8080);
+            assert_eq!(t.port.target_port, 8080);
         }
         assert!(snap.lookup("10.96.0.20:81".parse().unwrap()).is_none());
         assert!(snap.lookup("10.96.0.21:80".parse().unwrap()).is_none());
