@@ -201,10 +201,10 @@ impl EndpointStats {
         cost
     }
 
-    /// The P2C cost: latency x (active + 1) / weight (lower is better).
+    /// The P2C cost: peak-EWMA latency x (active + 1) (lower is better).
     #[inline]
-    pub fn load_cost(&self, weight: u32) -> f64 {
-        self.ewma_ns() * (self.active() as f64 + 1.0) / f64::from(weight.max(1))
+    pub fn load_cost(&self) -> f64 {
+        self.ewma_ns() * (self.active() as f64 + 1.0)
     }
 
     fn observe_rtt(&self, rtt: Duration) {

@@ -460,3 +460,5 @@ impl ServiceBalancer {
         self.split.pick().map(|i| &self.sets[i])
     }
 }
+#[cfg(test)]
+mod tests;

@@ -299,39 +299,44 @@ impl View {
             Algorithm::Random => level.sample(rng),
             Algorithm::RoundRobin => level.next_rr(),
             Algorithm::P2cPeakEwma => {
+                // Weights decide how often an endpoint is a candidate; load
+                // decides between the two candidates. With equal load the
+                // first (weighted) draw wins, so idle traffic follows the
+                // weights exactly.
                 let (a, b) = two(level, rng);
-                let (ma, mb) = (member(a), member(b));
-                if ma.stats.load_cost(ma.weight) <= mb.stats.load_cost(mb.weight) {
+                if member(a).stats.load_cost() <= member(b).stats.load_cost() {
                     a
                 } else {
                     b
                 }
             }
             Algorithm::LeastConnections => {
-                // (active + 1) / weight, compared without division.
+                // active / weight (as nginx's weighted least_conn), compared
+                // without division; ties go by weight, so idle traffic
+                // follows the weights.
                 let better = |x: usize, y: usize| {
                     let (mx, my) = (member(x), member(y));
-                    let cx = u128::from(mx.stats.active() + 1) * u128::from(my.weight);
-                    let cy = u128::from(my.stats.active() + 1) * u128::from(mx.weight);
+                    let cx = u128::from(mx.stats.active()) * u128::from(my.weight.max(1));
+                    let cy = u128::from(my.stats.active()) * u128::from(mx.weight.max(1));
                     cx.cmp(&cy)
                 };
                 if n <= 16 {
                     // Exact, with ties broken at random so that sequential
                     // connections do not all land on the first endpoint.
+                    // Weighted reservoir over the ties: each tied member
+                    // ends up chosen with probability weight / tied weight.
                     let mut best = 0usize;
-                    let mut ties = 1u32;
+                    let mut tied_weight = u64::from(member(0).weight.max(1));
                     for pos in 1..n {
+                        let w = u64::from(member(pos).weight.max(1));
                         match better(pos, best) {
                             std::cmp::Ordering::Less => {
                                 best = pos;
-                                ties = 1;
+                                tied_weight = w;
                             }
                             std::cmp::Ordering::Equal => {
-                                ties += 1;
-                                // Weighted reservoir: keep with probability w/Σw.
-                                let w = member(pos).weight;
-                                let r = rng.random_range(0..u64::from(ties) * u64::from(w.max(1)));
-                                if r < u64::from(w.max(1)) {
+                                tied_weight += w;
+                                if rng.random_range(0..tied_weight) < w {
                                     best = pos;
                                 }
                             }

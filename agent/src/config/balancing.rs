@@ -13,11 +13,11 @@ use super::{HumanDuration, Violation};
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
 #[serde(rename_all = "snake_case")]
 pub enum Algorithm {
-    /// Power of two choices over peak-EWMA connect latency x (active + 1) /
-    /// weight (the default).
+    /// Power of two choices: two candidates drawn by weight, the one with
+    /// the lower peak-EWMA connect latency x (active + 1) wins (the default).
     #[default]
     P2cPeakEwma,
-    /// Fewest active connections per unit of weight (exact up to 16
+    /// Fewest active connections per unit of weight, ties by weight (exact up to 16
     /// endpoints, best of two weighted random choices beyond).
     LeastConnections,
     /// Weighted round robin (earliest deadline first).

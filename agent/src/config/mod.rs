@@ -15,8 +15,10 @@ use std::time::Duration;
 use serde::Deserialize;
 
 pub mod balancing;
+pub mod dns;
 
 pub use balancing::{Algorithm, Failover, HealthCheck, LocalityPolicy, Outlier, Policy};
+pub use dns::Dns;
 
 /// Ferry's default bypass mark (`SO_MARK` on its own upstream sockets): 0x539,
 /// the value Istio uses for the same purpose, so operators recognise it.
@@ -95,6 +97,9 @@ pub struct RawConfig {
     pub proxy: RawProxy,
     #[serde(default)]
     pub services: Vec<RawService>,
+    /// How hostname endpoints are resolved.
+    #[serde(default)]
+    pub dns: dns::RawDns,
 }
 
 #[derive(Debug, Clone, Deserialize, Default)]
@@ -273,6 +278,7 @@ pub struct Config {
     pub capture: Capture,
     pub proxy: Proxy,
     pub services: Vec<Service>,
+    pub dns: Dns,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -827,6 +833,7 @@ impl RawConfig {
             }
         }
         v.append(&mut v_policy);
+        let dns = dns::validate_dns(&self.dns, &services, &mut v);
 
         if !v.is_empty() {
             return Err(v);
@@ -852,6 +859,7 @@ impl RawConfig {
                 drain_deadline,
             },
             services,
+            dns,
         })
     }
 }

@@ -111,6 +111,7 @@ fn example_file_parses_with_documented_values() {
             }],
             policy: c.services[0].policy.clone(),
         }],
+        dns: crate::config::Dns::default(),
     };
     assert_eq!(c, expected);
     assert_eq!(c.services[0].key(), "default/web");
