@@ -2,8 +2,10 @@
 //! inside the test topology's network namespaces.
 //!
 //! ```text
-//! ferry-testkit serve --id ID --listen ADDR [--mode http|drain-then-reply|reset] [--reply-bytes N]
+//! ferry-testkit serve --id ID --listen ADDR [--mode http|drain-then-reply|reset|report] [--reply-bytes N]
 //! ferry-testkit halfclose-client --connect ADDR --send N
+//! ferry-testkit hold-client --connect ADDR --send N --release FILE [--max-wait SECS]
+//! ferry-testkit reset-client --connect ADDR --send N
 //! ```
 //!
 //! * `http`: answers each request (one per connection) with
@@ -11,13 +13,27 @@
 //! * `drain-then-reply`: reads until the client's FIN, then sends
 //!   `got=N\n` followed by `--reply-bytes` bytes of a fixed pattern, then FIN.
 //! * `reset`: reads one chunk, then aborts the connection with RST.
+//! * `report`: answers the first bytes it receives with `ack\n`, then reads
+//!   until the connection ends and prints (to its log)
+//!   `ended peer=CLIENT_ADDR bytes=N end=eof|reset|error:KIND`.
 //!
 //! `halfclose-client` sends N bytes, shuts down its write side, reads to the
-//! end and prints `received=BYTES pattern_ok=BOOL end=eof|reset|error:KIND`.
+//! end and prints `header=LINE received=BYTES pattern_ok=BOOL end=eof|reset|error:KIND`
+//! (a reset while sending is reported as `end=reset` too).
+//!
+//! `hold-client` connects, sends N bytes and prints `holding`, then keeps the
+//! connection open until FILE exists (at most `--max-wait` seconds, default
+//! 60); then it finishes like `halfclose-client`. If the connection ends
+//! while it is held, it prints `closed-while-held end=eof|reset|error:KIND`.
+//!
+//! `reset-client` connects, sends N bytes, waits for the server's first line
+//! (`ack` from a `report` server: the whole path is up), then aborts the
+//! connection with RST (`SO_LINGER` 0) and prints `reset sent`.
 
 use std::io::{Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
-use std::time::Duration;
+use std::path::Path;
+use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 
@@ -41,7 +57,11 @@ fn main() -> Result<()> {
     match args.first().map(String::as_str) {
         Some("serve") => serve(&args),
         Some("halfclose-client") => halfclose_client(&args),
-        _ => bail!("usage: ferry-testkit serve|halfclose-client ... (see the source's header)"),
+        Some("hold-client") => hold_client(&args),
+        Some("reset-client") => reset_client(&args),
+        _ => bail!(
+            "usage: ferry-testkit serve|halfclose-client|hold-client|reset-client ... (see the source's header)"
+        ),
     }
 }
 
@@ -66,6 +86,7 @@ fn serve(args: &[String]) -> Result<()> {
                 "http" => serve_http(stream, &id),
                 "drain-then-reply" => serve_drain(stream, reply_bytes),
                 "reset" => serve_reset(stream),
+                "report" => serve_report(stream),
                 other => Err(anyhow::anyhow!("unknown mode {other}")),
             };
             if let Err(e) = r {
@@ -156,29 +177,84 @@ fn serve_reset(mut s: TcpStream) -> Result<()> {
     Ok(())
 }
 
-fn halfclose_client(args: &[String]) -> Result<()> {
+/// How a read or write error ended a connection, as the clients print it.
+fn ending(e: &std::io::Error) -> String {
+    match e.kind() {
+        std::io::ErrorKind::ConnectionReset
+        | std::io::ErrorKind::ConnectionAborted
+        | std::io::ErrorKind::BrokenPipe => "reset".to_owned(),
+        k => format!("error:{k:?}"),
+    }
+}
+
+fn serve_report(mut s: TcpStream) -> Result<()> {
+    let peer = s.peer_addr()?;
+    let mut bytes = 0u64;
+    let mut chunk = vec![0u8; 64 * 1024];
+    let end = loop {
+        match s.read(&mut chunk) {
+            Ok(0) => break "eof".to_owned(),
+            Ok(n) => {
+                if bytes == 0 {
+                    s.write_all(b"ack\n")?;
+                }
+                bytes += n as u64;
+            }
+            Err(e) => break ending(&e),
+        }
+    };
+    println!("ended peer={peer} bytes={bytes} end={end}");
+    Ok(())
+}
+
+fn connect(args: &[String]) -> Result<(TcpStream, u64)> {
     let addr: SocketAddr = need(args, "--connect")?.parse()?;
     let send: u64 = need(args, "--send")?.parse()?;
-    let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(10))
+    let s = TcpStream::connect_timeout(&addr, Duration::from_secs(10))
         .with_context(|| format!("connect {addr}"))?;
     s.set_read_timeout(Some(Duration::from_secs(30)))?;
+    Ok((s, send))
+}
+
+/// Sends `n` bytes of `x`.
+fn send_bytes(s: &mut TcpStream, n: u64) -> std::io::Result<()> {
     let chunk = vec![b'x'; 64 * 1024];
     let mut sent = 0u64;
-    while sent < send {
-        let n = (send - sent).min(chunk.len() as u64) as usize;
-        s.write_all(&chunk[..n])?;
-        sent += n as u64;
+    while sent < n {
+        let k = (n - sent).min(chunk.len() as u64) as usize;
+        s.write_all(&chunk[..k])?;
+        sent += k as u64;
     }
-    s.shutdown(Shutdown::Write)?;
-    // Read the header line, then the pattern.
+    Ok(())
+}
+
+fn halfclose_client(args: &[String]) -> Result<()> {
+    let (mut s, send) = connect(args)?;
+    if let Err(e) = send_bytes(&mut s, send) {
+        println!("header= received=0 pattern_ok=true end={}", ending(&e));
+        return Ok(());
+    }
+    finish(s)
+}
+
+/// Shuts down the write side, reads the reply to its end and prints it.
+fn finish(mut s: TcpStream) -> Result<()> {
     let mut all = Vec::new();
+    // A connection already reset fails the shutdown with ENOTCONN; the read
+    // below then reports the pending reset (or EOF) as it is.
+    if let Err(e) = s.shutdown(Shutdown::Write)
+        && e.kind() != std::io::ErrorKind::NotConnected
+    {
+        println!("header= received=0 pattern_ok=true end={}", ending(&e));
+        return Ok(());
+    }
+    // Read the header line, then the pattern.
     let mut buf = vec![0u8; 64 * 1024];
     let end = loop {
         match s.read(&mut buf) {
             Ok(0) => break "eof".to_owned(),
             Ok(n) => all.extend_from_slice(&buf[..n]),
-            Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => break "reset".to_owned(),
-            Err(e) => break format!("error:{:?}", e.kind()),
+            Err(e) => break ending(&e),
         }
     };
     let (header, body) = match all.iter().position(|b| *b == b'\n') {
@@ -199,5 +275,65 @@ fn halfclose_client(args: &[String]) -> Result<()> {
         "header={header} received={} pattern_ok={pattern_ok} end={end}",
         body.len()
     );
+    Ok(())
+}
+
+fn hold_client(args: &[String]) -> Result<()> {
+    let release = need(args, "--release")?;
+    let max_wait = Duration::from_secs(
+        arg(args, "--max-wait")
+            .map(|s| s.parse())
+            .transpose()?
+            .unwrap_or(60),
+    );
+    let (mut s, send) = connect(args)?;
+    send_bytes(&mut s, send)?;
+    println!("holding");
+    std::io::stdout().flush()?;
+    // Watch the socket while waiting: a connection closed under us is
+    // reported at once instead of when the release comes.
+    s.set_read_timeout(Some(Duration::from_millis(20)))?;
+    let start = Instant::now();
+    let mut probe = [0u8; 1];
+    while !Path::new(&release).exists() {
+        if start.elapsed() > max_wait {
+            bail!("not released within {max_wait:?}");
+        }
+        match s.peek(&mut probe) {
+            Ok(0) => {
+                println!("closed-while-held end=eof");
+                return Ok(());
+            }
+            // Data before the release: nothing to do until then.
+            Ok(_) => std::thread::sleep(Duration::from_millis(20)),
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                ) => {}
+            Err(e) => {
+                println!("closed-while-held end={}", ending(&e));
+                return Ok(());
+            }
+        }
+    }
+    s.set_read_timeout(Some(Duration::from_secs(30)))?;
+    finish(s)
+}
+
+fn reset_client(args: &[String]) -> Result<()> {
+    let (mut s, send) = connect(args)?;
+    send_bytes(&mut s, send)?;
+    let mut line = Vec::new();
+    let mut b = [0u8; 1];
+    while !line.ends_with(b"\n") {
+        match s.read(&mut b)? {
+            0 => bail!("connection ended before the server's first line"),
+            _ => line.push(b[0]),
+        }
+    }
+    socket2::SockRef::from(&s).set_linger(Some(Duration::ZERO))?;
+    drop(s);
+    println!("reset sent");
     Ok(())
 }
