@@ -145,15 +145,7 @@ impl Proxy {
             );
             let this = self.clone();
             let kill = kill.clone();
-            tracker.spawn(
-                async move {
-                    tokio::select! {
-                        _ = this.handle(stream, peer) => {}
-                        _ = kill.cancelled() => debug!("closed at drain deadline"),
-                    }
-                }
-                .instrument(span),
-            );
+            tracker.spawn(async move { this.handle(stream, peer, &kill).await }.instrument(span));
         }
         debug!("outbound listener closed");
     }
@@ -165,7 +157,9 @@ impl Proxy {
             .inc();
     }
 
-    async fn handle(&self, client: TcpStream, peer: SocketAddr) {
+    /// Serves one connection; when `kill` fires (the drain deadline) it is
+    /// reset on both sides.
+    async fn handle(&self, client: TcpStream, peer: SocketAddr, kill: &CancellationToken) {
         let span = tracing::Span::current();
         let local = match client.local_addr() {
             Ok(a) => a,
@@ -217,7 +211,15 @@ impl Proxy {
         };
         let ep_addr = SocketAddr::new(ep.address, target.target_port);
         span.record("endpoint", tracing::field::display(ep_addr));
-        let upstream = match self.connect(ep_addr).await {
+        let connected = tokio::select! {
+            r = self.connect(ep_addr) => r,
+            () = kill.cancelled() => {
+                debug!("reset at drain deadline while connecting");
+                relay::reset(&client);
+                return;
+            }
+        };
+        let upstream = match connected {
             Ok(s) => s,
             Err(e) => {
                 warn!(error = %e, "connect to endpoint failed");
@@ -246,7 +248,7 @@ impl Proxy {
             })
             .clone();
         let observe = ByteCounters { up, down };
-        let out = relay::relay(client, upstream, &observe).await;
+        let out = relay::relay_until(client, upstream, &observe, kill.cancelled()).await;
         info!(
             upstream_bytes = out.upstream_bytes,
             downstream_bytes = out.downstream_bytes,
