@@ -24,7 +24,8 @@
 //! `hold-client` connects, sends N bytes and prints `holding`, then keeps the
 //! connection open until FILE exists (at most `--max-wait` seconds, default
 //! 60); then it finishes like `halfclose-client`. If the connection ends
-//! while it is held, it prints `closed-while-held end=eof|reset|error:KIND`.
+//! while it is held, it prints
+//! `closed-while-held received=BYTES end=eof|reset|error:KIND`.
 //!
 //! `reset-client` connects, sends N bytes, waits for the server's first line
 //! (`ack` from a `report` server: the whole path is up), then aborts the
@@ -234,12 +235,12 @@ fn halfclose_client(args: &[String]) -> Result<()> {
         println!("header= received=0 pattern_ok=true end={}", ending(&e));
         return Ok(());
     }
-    finish(s)
+    finish(s, Vec::new())
 }
 
-/// Shuts down the write side, reads the reply to its end and prints it.
-fn finish(mut s: TcpStream) -> Result<()> {
-    let mut all = Vec::new();
+/// Shuts down the write side, reads the reply to its end and prints it;
+/// `all` holds what was already read.
+fn finish(mut s: TcpStream, mut all: Vec<u8>) -> Result<()> {
     // A connection already reset fails the shutdown with ENOTCONN; the read
     // below then reports the pending reset (or EOF) as it is.
     if let Err(e) = s.shutdown(Shutdown::Write)
@@ -290,35 +291,40 @@ fn hold_client(args: &[String]) -> Result<()> {
     send_bytes(&mut s, send)?;
     println!("holding");
     std::io::stdout().flush()?;
-    // Watch the socket while waiting: a connection closed under us is
-    // reported at once instead of when the release comes.
+    // Watch the socket while waiting (reading what arrives, kept for the
+    // end): a connection closed under us is reported at once instead of
+    // when the release comes.
     s.set_read_timeout(Some(Duration::from_millis(20)))?;
     let start = Instant::now();
-    let mut probe = [0u8; 1];
+    let mut early = Vec::new();
+    let mut buf = vec![0u8; 64 * 1024];
     while !Path::new(&release).exists() {
         if start.elapsed() > max_wait {
             bail!("not released within {max_wait:?}");
         }
-        match s.peek(&mut probe) {
+        match s.read(&mut buf) {
             Ok(0) => {
-                println!("closed-while-held end=eof");
+                println!("closed-while-held received={} end=eof", early.len());
                 return Ok(());
             }
-            // Data before the release: nothing to do until then.
-            Ok(_) => std::thread::sleep(Duration::from_millis(20)),
+            Ok(n) => early.extend_from_slice(&buf[..n]),
             Err(e)
                 if matches!(
                     e.kind(),
                     std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
                 ) => {}
             Err(e) => {
-                println!("closed-while-held end={}", ending(&e));
+                println!(
+                    "closed-while-held received={} end={}",
+                    early.len(),
+                    ending(&e)
+                );
                 return Ok(());
             }
         }
     }
     s.set_read_timeout(Some(Duration::from_secs(30)))?;
-    finish(s)
+    finish(s, early)
 }
 
 fn reset_client(args: &[String]) -> Result<()> {
