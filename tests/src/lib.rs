@@ -15,7 +15,7 @@ use std::io::{Read, Write};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
@@ -116,8 +116,13 @@ pub fn ferry_binary() -> Result<PathBuf> {
     )
 }
 
-/// The `ferry-testkit` binary (servers and clients for tests).
+/// The `ferry-testkit` binary (servers and clients for tests):
+/// `$FERRY_TESTKIT`, or the one cargo built alongside, or `ferry-testkit` in
+/// the target directory this binary was built in.
 pub fn testkit_binary() -> Result<PathBuf> {
+    if let Some(p) = std::env::var_os("FERRY_TESTKIT") {
+        return Ok(PathBuf::from(p));
+    }
     if let Some(p) = option_env!("CARGO_BIN_EXE_ferry-testkit") {
         return Ok(PathBuf::from(p));
     }
@@ -128,7 +133,21 @@ pub fn testkit_binary() -> Result<PathBuf> {
             return Ok(cand);
         }
     }
-    bail!("cannot find ferry-testkit near {}", exe.display())
+    bail!(
+        "cannot find ferry-testkit near {} (build it with `cargo build -p ferry-tests`, or set FERRY_TESTKIT)",
+        exe.display()
+    )
+}
+
+/// Reads a child's pipe to the end on a thread.
+fn drain<R: Read + Send + 'static>(pipe: Option<R>) -> std::thread::JoinHandle<Vec<u8>> {
+    std::thread::spawn(move || {
+        let mut buf = Vec::new();
+        if let Some(mut pipe) = pipe {
+            let _ = pipe.read_to_end(&mut buf);
+        }
+        buf
+    })
 }
 
 /// Runs a command to completion; fails with its stderr when it fails.
@@ -359,6 +378,57 @@ impl Topology {
             );
         }
         Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    }
+
+    /// Like [`Topology::exec`], but bounded: the process is killed and an
+    /// error returned when it runs longer than `timeout`, or as soon as
+    /// `stop` is set (e.g. by a signal handler).
+    pub fn exec_bounded(
+        &self,
+        netns: &str,
+        group: Group,
+        program: &Path,
+        args: &[&str],
+        timeout: Duration,
+        stop: Option<&AtomicBool>,
+    ) -> Result<String> {
+        let what = || format!("{} {} in {netns}", program.display(), args.join(" "));
+        let mut child = self
+            .command(netns, group, program, args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .with_context(|| format!("running {}", what()))?;
+        let stdout = drain(child.stdout.take());
+        let stderr = drain(child.stderr.take());
+        let start = Instant::now();
+        let gave_up = loop {
+            if let Some(status) = child.try_wait()? {
+                break Ok(status);
+            }
+            if stop.is_some_and(|s| s.load(Ordering::SeqCst)) {
+                break Err(format!("{} stopped (interrupted)", what()));
+            }
+            if start.elapsed() > timeout {
+                break Err(format!("{} did not finish within {timeout:?}", what()));
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        };
+        if gave_up.is_err() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        let out = stdout.join().unwrap_or_default();
+        let err = stderr.join().unwrap_or_default();
+        let err = String::from_utf8_lossy(&err);
+        match gave_up {
+            Err(why) => bail!("{why}: {}", err.trim()),
+            Ok(status) if !status.success() => {
+                bail!("{} failed ({status}): {}", what(), err.trim())
+            }
+            Ok(_) => Ok(String::from_utf8_lossy(&out).into_owned()),
+        }
     }
 
     /// Starts a long-running process; it is killed when the topology drops.

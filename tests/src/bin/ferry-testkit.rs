@@ -2,8 +2,9 @@
 //! inside the test topology's network namespaces.
 //!
 //! ```text
-//! ferry-testkit serve --id ID --listen ADDR [--mode http|drain-then-reply|reset|report] [--reply-bytes N]
+//! ferry-testkit serve --id ID --listen ADDR [--mode http|drain-then-reply|reset|report|echo] [--reply-bytes N]
 //! ferry-testkit halfclose-client --connect ADDR --send N
+//! ferry-testkit rr-client --connect ADDR --count N [--size BYTES] [--new-connection] [--max-seconds S]
 //! ferry-testkit hold-client --connect ADDR --send N --release FILE [--max-wait SECS]
 //! ferry-testkit reset-client --connect ADDR --send N
 //! ```
@@ -13,6 +14,8 @@
 //! * `drain-then-reply`: reads until the client's FIN, then sends
 //!   `got=N\n` followed by `--reply-bytes` bytes of a fixed pattern, then FIN.
 //! * `reset`: reads one chunk, then aborts the connection with RST.
+//! * `echo`: writes back whatever it reads (TCP_NODELAY) until the client's
+//!   FIN, then FIN.
 //! * `report`: answers the first bytes it receives with `ack\n`, then reads
 //!   until the connection ends and prints (to its log)
 //!   `ended peer=CLIENT_ADDR bytes=N end=eof|reset|error:KIND`.
@@ -30,6 +33,18 @@
 //! `reset-client` connects, sends N bytes, waits for the server's first line
 //! (`ack` from a `report` server: the whole path is up), then aborts the
 //! connection with RST (`SO_LINGER` 0) and prints `reset sent`.
+//!
+//! `rr-client` measures request/response latency against an `echo` server:
+//! each round trip writes `--size` bytes (default 64) and reads as many back.
+//! By default all round trips share one connection (after `min(100, N/10)`
+//! uncounted warm-up round trips); with `--new-connection` each one opens its
+//! own connection (the time includes the connect) and closes it. It stops
+//! after N round trips or `--max-seconds` (default 60), whichever comes
+//! first, and prints one line (`count` is how many were done):
+//!
+//! ```text
+//! rr mode=persistent|new-connection size=64 count=N requested=N elapsed_s=F rate_per_s=F mean_us=F p50_us=F p90_us=F p99_us=F p999_us=F max_us=F
+//! ```
 
 use std::io::{Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
@@ -58,10 +73,11 @@ fn main() -> Result<()> {
     match args.first().map(String::as_str) {
         Some("serve") => serve(&args),
         Some("halfclose-client") => halfclose_client(&args),
+        Some("rr-client") => rr_client(&args),
         Some("hold-client") => hold_client(&args),
         Some("reset-client") => reset_client(&args),
         _ => bail!(
-            "usage: ferry-testkit serve|halfclose-client|hold-client|reset-client ... (see the source's header)"
+            "usage: ferry-testkit serve|halfclose-client|rr-client|hold-client|reset-client ... (see the source's header)"
         ),
     }
 }
@@ -87,6 +103,7 @@ fn serve(args: &[String]) -> Result<()> {
                 "http" => serve_http(stream, &id),
                 "drain-then-reply" => serve_drain(stream, reply_bytes),
                 "reset" => serve_reset(stream),
+                "echo" => serve_echo(stream),
                 "report" => serve_report(stream),
                 other => Err(anyhow::anyhow!("unknown mode {other}")),
             };
@@ -341,5 +358,116 @@ fn reset_client(args: &[String]) -> Result<()> {
     socket2::SockRef::from(&s).set_linger(Some(Duration::ZERO))?;
     drop(s);
     println!("reset sent");
+    Ok(())
+}
+
+// ------------------------------------------------------- echo and rr-client
+
+fn serve_echo(mut s: TcpStream) -> Result<()> {
+    s.set_nodelay(true)?;
+    let mut chunk = vec![0u8; 64 * 1024];
+    loop {
+        let n = s.read(&mut chunk)?;
+        if n == 0 {
+            break;
+        }
+        s.write_all(&chunk[..n])?;
+    }
+    s.shutdown(Shutdown::Write)?;
+    Ok(())
+}
+
+/// One round trip on `s`: write `req`, read as many bytes back.
+fn round_trip(s: &mut TcpStream, req: &[u8], resp: &mut [u8]) -> Result<()> {
+    s.write_all(req)?;
+    s.read_exact(resp).context("reading the echo")?;
+    Ok(())
+}
+
+fn rr_connect(addr: SocketAddr) -> Result<TcpStream> {
+    let s = TcpStream::connect_timeout(&addr, Duration::from_secs(5))
+        .with_context(|| format!("connect {addr}"))?;
+    s.set_nodelay(true)?;
+    s.set_read_timeout(Some(Duration::from_secs(5)))?;
+    s.set_write_timeout(Some(Duration::from_secs(5)))?;
+    Ok(s)
+}
+
+/// The `q` quantile (0..=1) of sorted samples, by nearest rank.
+fn quantile(sorted: &[Duration], q: f64) -> Duration {
+    if sorted.is_empty() {
+        return Duration::ZERO;
+    }
+    let rank = (q * sorted.len() as f64).ceil() as usize;
+    sorted[rank.clamp(1, sorted.len()) - 1]
+}
+
+fn rr_client(args: &[String]) -> Result<()> {
+    let addr: SocketAddr = need(args, "--connect")?.parse()?;
+    let count: usize = need(args, "--count")?.parse()?;
+    let size: usize = arg(args, "--size")
+        .map(|s| s.parse())
+        .transpose()?
+        .unwrap_or(64);
+    let max_seconds: f64 = arg(args, "--max-seconds")
+        .map(|s| s.parse())
+        .transpose()?
+        .unwrap_or(60.0);
+    let new_connection = args.iter().any(|a| a == "--new-connection");
+    if size == 0 || count == 0 || !(max_seconds > 0.0 && max_seconds <= 3600.0) {
+        bail!("--count and --size must be positive, --max-seconds in (0, 3600]");
+    }
+    let max = Duration::from_secs_f64(max_seconds);
+    let req: Vec<u8> = (0..size as u64).map(pattern).collect();
+    let mut resp = vec![0u8; size];
+    let mut samples = Vec::with_capacity(count);
+    let start;
+    if new_connection {
+        start = Instant::now();
+        while samples.len() < count && start.elapsed() < max {
+            let t = Instant::now();
+            let mut s = rr_connect(addr)?;
+            round_trip(&mut s, &req, &mut resp)?;
+            drop(s);
+            samples.push(t.elapsed());
+        }
+    } else {
+        let mut s = rr_connect(addr)?;
+        for _ in 0..(count / 10).min(100) {
+            round_trip(&mut s, &req, &mut resp)?;
+        }
+        start = Instant::now();
+        while samples.len() < count && start.elapsed() < max {
+            let t = Instant::now();
+            round_trip(&mut s, &req, &mut resp)?;
+            samples.push(t.elapsed());
+        }
+        s.shutdown(Shutdown::Write)?;
+    }
+    let elapsed = start.elapsed();
+    if resp != req {
+        bail!("the echo differs from the request");
+    }
+    samples.sort_unstable();
+    let us = |d: Duration| d.as_secs_f64() * 1e6;
+    let total: Duration = samples.iter().sum();
+    let mean = total.as_secs_f64() * 1e6 / samples.len().max(1) as f64;
+    println!(
+        "rr mode={} size={size} count={} requested={count} elapsed_s={:.3} rate_per_s={:.1} \
+         mean_us={mean:.1} p50_us={:.1} p90_us={:.1} p99_us={:.1} p999_us={:.1} max_us={:.1}",
+        if new_connection {
+            "new-connection"
+        } else {
+            "persistent"
+        },
+        samples.len(),
+        elapsed.as_secs_f64(),
+        samples.len() as f64 / elapsed.as_secs_f64().max(1e-9),
+        us(quantile(&samples, 0.50)),
+        us(quantile(&samples, 0.90)),
+        us(quantile(&samples, 0.99)),
+        us(quantile(&samples, 0.999)),
+        us(samples.last().copied().unwrap_or_default()),
+    );
     Ok(())
 }
