@@ -55,19 +55,20 @@ fn curl(t: &Topology, pod: &Pod, group: Group, url: &str) -> Result<String> {
     )
 }
 
-/// A decoy answering on the VIP itself in the node namespace: a connection
-/// that is not captured reaches it instead of the service.
-fn start_decoy(t: &mut Topology, vip: &str) -> Result<()> {
-    t.add_node_address(&format!("{vip}/32"))?;
+/// A decoy answering on the VIPs themselves in the node namespace: a
+/// connection that is not captured reaches it instead of the service.
+fn start_decoy(t: &mut Topology, vips: &[&str]) -> Result<()> {
+    for vip in vips {
+        t.add_node_address(&format!("{vip}/32"))?;
+    }
     let node = t.node_netns.clone();
     let kit = testkit_binary()?;
-    let listen = format!("{vip}:80");
     t.spawn(
         "decoy",
         &node,
         Group::Other,
         &kit,
-        &["serve", "--id", "decoy", "--listen", &listen],
+        &["serve", "--id", "decoy", "--listen", "0.0.0.0:80"],
     )?;
     t.wait_log("decoy", "listening", WAIT)
 }
@@ -303,7 +304,7 @@ fn sigterm_drains_open_connections_then_detaches() -> Result<()> {
         "be",
         &["--mode", "drain-then-reply", "--reply-bytes", "1048576"],
     )?;
-    start_decoy(&mut t, "10.96.0.40")?;
+    start_decoy(&mut t, &["10.96.0.40"])?;
     let cfg = t.ferry_config(SERVICE);
     assert!(cfg.contains("drain_deadline: 5s"));
     let ferry = t.start_ferry("ferry", &cfg)?;
@@ -320,10 +321,14 @@ fn sigterm_drains_open_connections_then_detaches() -> Result<()> {
     ferry.wait_status("15021", "/ready", 503, WAIT)?;
     ferry.wait_log_count("waiting for open connections", 1, WAIT)?;
     assert!(ferry.log_text().contains("open=1"), "{}", ferry.log_text());
+    // A new captured connection is still redirected (capture stays until
+    // the end) but finds the outbound listener closed: refused at once.
     let refused = curl(&t, &client, Group::Enrolled, "http://10.96.0.40/");
     assert!(
-        refused.is_err(),
-        "a new captured connection during drain must not be served: {refused:?}"
+        refused
+            .as_ref()
+            .is_err_and(|e| e.to_string().contains("curl: (7)")),
+        "a new captured connection during drain must be refused: {refused:?}"
     );
     assert_eq!(
         ferry.http("15021", "/healthz")?.0,
@@ -383,8 +388,14 @@ fn drain_deadline_closes_stuck_connections() -> Result<()> {
         .replace("drain_deadline: 5s", "drain_deadline: 1s");
     let ferry = t.start_ferry("ferry", &cfg)?;
 
-    // Never released: only the deadline ends it.
+    // Never released: only the deadline ends it. The backend's `ack` has
+    // gone back to the client before the drain starts.
     hold_connection(&mut t, &ferry, &client, 1000)?;
+    ferry.wait_metric(
+        r#"ferry_tcp_bytes_total{service="default/web",direction="downstream"}"#,
+        4.0,
+        WAIT,
+    )?;
     let sent = Instant::now();
     ferry.signal(libc::SIGTERM)?;
     assert_eq!(
@@ -400,6 +411,7 @@ fn drain_deadline_closes_stuck_connections() -> Result<()> {
     );
     let log = ferry.log_text();
     assert!(log.contains("drain deadline reached"), "{log}");
+    assert!(log.contains("ending=Aborted"), "{log}");
     assert!(log.contains("capture detached"), "{log}");
 
     // Both ends learn that the connection was cut, not finished: a reset,
@@ -508,7 +520,7 @@ fn sighup_reload_captures_added_and_releases_removed_addresses() -> Result<()> {
     let client = t.add_pod("cli", 10)?;
     let b1 = t.add_pod("b1", 11)?;
     t.start_server(&b1, 8080, "b1", &[])?;
-    start_decoy(&mut t, "10.96.0.52")?;
+    start_decoy(&mut t, &["10.96.0.50", "10.96.0.52"])?;
     let svc = |addrs: &str| {
         format!(
             "  - name: app\n    addresses: [{addrs}]\n    ports: [{{ port: 80, target_port: 8080 }}]\n    endpoints: [{{ address: 10.77.1.11 }}]\n"
@@ -518,23 +530,27 @@ fn sighup_reload_captures_added_and_releases_removed_addresses() -> Result<()> {
     // Not a service address yet: reaches the decoy.
     let out = curl(&t, &client, Group::Enrolled, "http://10.96.0.52/")?;
     assert!(out.contains("id=decoy"), "{out}");
+    let out = curl(&t, &client, Group::Enrolled, "http://10.96.0.50/")?;
+    assert!(out.contains("id=b1"), "{out}");
 
     std::fs::write(&ferry.config, t.ferry_config(&svc("10.96.0.52")))?;
     ferry.signal(libc::SIGHUP)?;
     ferry.wait_log_count("configuration reloaded", 1, WAIT)?;
     let out = curl(&t, &client, Group::Enrolled, "http://10.96.0.52/")?;
     assert!(out.contains("id=b1"), "added address is captured: {out}");
-    // The removed address is no longer captured: it goes direct (nothing
-    // listens there, so the connect fails instead of reaching Ferry).
-    let gone = curl(&t, &client, Group::Enrolled, "http://10.96.0.50/");
-    assert!(gone.is_err(), "{gone:?}");
+    // The removed address is no longer captured: it reaches the decoy.
+    let gone = curl(&t, &client, Group::Enrolled, "http://10.96.0.50/")?;
+    assert!(
+        gone.contains("id=decoy"),
+        "removed address is released: {gone}"
+    );
     assert_eq!(
         ferry.metric(r#"ferry_connections_opened_total{service="default/app"}"#)?,
-        1.0
+        2.0
     );
     assert_eq!(
         ferry.metric(r#"ferry_ebpf_events_total{program="connect4",event="redirected"}"#)?,
-        1.0
+        2.0
     );
     Ok(())
 }
