@@ -146,15 +146,7 @@ impl Proxy {
             );
             let this = self.clone();
             let kill = kill.clone();
-            tracker.spawn(
-                async move {
-                    tokio::select! {
-                        _ = this.handle(stream, peer) => {}
-                        _ = kill.cancelled() => debug!("closed at drain deadline"),
-                    }
-                }
-                .instrument(span),
-            );
+            tracker.spawn(async move { this.handle(stream, peer, &kill).await }.instrument(span));
         }
         debug!("outbound listener closed");
     }
@@ -166,7 +158,9 @@ impl Proxy {
             .inc();
     }
 
-    async fn handle(&self, client: TcpStream, peer: SocketAddr) {
+    /// Serves one connection; when `kill` fires (the drain deadline) it is
+    /// reset on both sides.
+    async fn handle(&self, client: TcpStream, peer: SocketAddr, kill: &CancellationToken) {
         let span = tracing::Span::current();
         let local = match client.local_addr() {
             Ok(a) => a,
@@ -244,7 +238,15 @@ impl Proxy {
             }
             member.stats.on_attempt();
             let timeout = fo.connect_timeout.min(deadline - now);
-            match self.connect(addr, timeout).await {
+            let result = tokio::select! {
+                r = self.connect(addr, timeout) => r,
+                () = kill.cancelled() => {
+                    debug!("reset at drain deadline while connecting");
+                    relay::reset(&client);
+                    return;
+                }
+            };
+            match result {
                 Ok(stream) => {
                     set.report_success(&member, now.elapsed());
                     connected = Some((stream, member));
@@ -298,7 +300,7 @@ impl Proxy {
             })
             .clone();
         let observe = ByteCounters { up, down };
-        let out = relay::relay(client, upstream, &observe).await;
+        let out = relay::relay_until(client, upstream, &observe, kill.cancelled()).await;
         info!(
             upstream_bytes = out.upstream_bytes,
             downstream_bytes = out.downstream_bytes,

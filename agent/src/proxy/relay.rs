@@ -6,7 +6,10 @@
 //!   (a client that half-closes still receives the whole response);
 //! * a reset stays a reset: when one side resets (or a write to it fails),
 //!   Ferry aborts the other side with RST (`SO_LINGER` 0), so an endpoint
-//!   crash is never reported to the client as a clean end of stream.
+//!   crash is never reported to the client as a clean end of stream;
+//! * a connection Ferry gives up on (the drain deadline) is reset on both
+//!   sides: a FIN would tell each side that the other finished, and a
+//!   truncated request or response would pass for a complete one.
 
 use std::io;
 
@@ -26,6 +29,8 @@ pub enum Ending {
     ClientReset,
     /// The endpoint reset or failed; the client was reset.
     EndpointReset,
+    /// Ferry stopped the relay (the drain deadline); both sides were reset.
+    Aborted,
 }
 
 /// What a relay moved and how it ended.
@@ -87,10 +92,17 @@ pub fn reset(stream: &TcpStream) {
 
 /// Relays until both directions are finished or one side resets; consumes
 /// both streams (they are closed, or reset, on return).
-pub async fn relay(
+pub async fn relay(client: TcpStream, endpoint: TcpStream, observe: &dyn Observe) -> Outcome {
+    relay_until(client, endpoint, observe, std::future::pending()).await
+}
+
+/// [`relay`], but when `abort` completes first, both sides are reset and the
+/// relay ends with [`Ending::Aborted`].
+pub async fn relay_until(
     mut client: TcpStream,
     mut endpoint: TcpStream,
     observe: &dyn Observe,
+    abort: impl std::future::Future<Output = ()>,
 ) -> Outcome {
     let mut up = 0u64;
     let mut down = 0u64;
@@ -102,7 +114,7 @@ pub async fn relay(
         let on_down = |n| observe.downstream(n);
         let upstream = pump(&mut cr, &mut ew, &mut up, &on_up);
         let downstream = pump(&mut er, &mut cw, &mut down, &on_down);
-        tokio::pin!(upstream, downstream);
+        tokio::pin!(upstream, downstream, abort);
         let mut up_done = false;
         let mut down_done = false;
         loop {
@@ -118,6 +130,7 @@ pub async fn relay(
                     Err(PumpError::Read(e)) => { error = Some(e.kind()); break Ending::EndpointReset }
                     Err(PumpError::Write(e)) => { error = Some(e.kind()); break Ending::ClientReset }
                 },
+                () = &mut abort => break Ending::Aborted,
             }
             if up_done && down_done {
                 break Ending::Clean;
@@ -128,6 +141,10 @@ pub async fn relay(
         Ending::Clean => {}
         Ending::ClientReset => reset(&endpoint),
         Ending::EndpointReset => reset(&client),
+        Ending::Aborted => {
+            reset(&client);
+            reset(&endpoint);
+        }
     }
     Outcome {
         upstream_bytes: up,
