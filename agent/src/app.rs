@@ -14,6 +14,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{error, info, warn};
 
+use crate::balance::dns::DnsState;
 use crate::balance::{BalanceMetrics, Registry};
 use crate::capture::{Capture, CaptureError};
 use crate::config::{self, Config};
@@ -64,13 +65,15 @@ pub async fn run(config: Config, config_path: Option<PathBuf>) -> Result<(), App
     let balance_metrics = Arc::new(BalanceMetrics::default());
     metrics.register_balance(&balance_metrics);
     let registry = Arc::new(Registry::new(balance_metrics.clone()));
+    let dns = Arc::new(DnsState::default());
+    metrics.register_dns(&dns.metrics);
     let state = Arc::new(State::new(Snapshot::build(&config, &registry)));
     let mark = if config.capture.enabled {
         config.capture.bypass_mark
     } else {
         0
     };
-    start_snapshot_tasks(&state.load(), mark);
+    start_snapshot_tasks(&state.load(), mark, &config.dns, &dns);
 
     let outbound = proxy::bind(config.listeners.outbound)?;
     let metrics_listener = metrics::bind("metrics", config.listeners.metrics).await?;
@@ -165,7 +168,7 @@ pub async fn run(config: Config, config_path: Option<PathBuf>) -> Result<(), App
                             }
                             continue;
                         }
-                        start_snapshot_tasks(&snapshot, mark);
+                        start_snapshot_tasks(&snapshot, mark, &new.dns, &dns);
                         state.store(snapshot);
                         info!(services = new.services.len(), "configuration reloaded");
                         current = new;
@@ -204,9 +207,18 @@ pub async fn run(config: Config, config_path: Option<PathBuf>) -> Result<(), App
     Ok(())
 }
 
-/// Starts the background work a snapshot needs (active health checks); it
-/// stops when the snapshot is replaced and dropped.
-fn start_snapshot_tasks(snapshot: &Snapshot, mark: u32) {
+/// Starts the background work a snapshot needs (active health checks, DNS
+/// refresh of hostname endpoints); it stops when the snapshot is replaced
+/// and dropped (the DNS refresher as soon as the next one starts). Call it
+/// before the snapshot is published: it fills in hostname addresses known
+/// from the previous snapshot.
+fn start_snapshot_tasks(
+    snapshot: &Snapshot,
+    mark: u32,
+    dns_cfg: &config::Dns,
+    dns: &Arc<DnsState>,
+) {
+    crate::balance::dns::start(snapshot.sets(), dns_cfg, dns, &snapshot.stop_token());
     for set in snapshot.sets() {
         if let Some(hc) = &set.policy().health_check {
             tokio::spawn(crate::balance::health::run(

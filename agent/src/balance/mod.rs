@@ -15,6 +15,7 @@
 //! active health checks ([`health`]) do the same from probes. Both only flip
 //! per-endpoint flags and trigger a rebuild of the set's [`set::View`].
 
+pub mod dns;
 pub mod endpoint;
 pub mod health;
 pub mod set;
