@@ -432,7 +432,7 @@ fn drain_deadline_closes_stuck_connections() -> Result<()> {
 
 fn reload_service(endpoints: &str) -> String {
     format!(
-        "  - name: app\n    addresses: [10.96.0.50, 10.96.0.51]\n    ports: [{{ port: 80, target_port: 8080 }}]\n    endpoints:\n{endpoints}"
+        "  - name: app\n    addresses: [10.96.0.50, 10.96.0.51]\n    ports: [{{ port: 80, target_port: 8080 }}]\n    balancing: {{ algorithm: round_robin }}\n    endpoints:\n{endpoints}"
     )
 }
 

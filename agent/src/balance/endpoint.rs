@@ -16,6 +16,8 @@ use crate::config::{Locality, Outlier};
 pub const EWMA_DECAY: Duration = Duration::from_secs(10);
 /// Cost assumed for an endpoint never connected to yet: 1 ms.
 pub const DEFAULT_RTT_NS: f64 = 1_000_000.0;
+/// Connect latencies below this (1 ms) are treated as equal by P2C.
+pub const LATENCY_FLOOR_NS: f64 = 1_000_000.0;
 
 /// Why a connect attempt failed; the `reason` label of the failure metric.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -201,10 +203,14 @@ impl EndpointStats {
         cost
     }
 
-    /// The P2C cost: peak-EWMA latency x (active + 1) (lower is better).
+    /// The P2C cost: peak-EWMA latency, floored at `LATENCY_FLOOR_NS`,
+    /// x (active + 1) (lower is better). The floor makes sub-millisecond
+    /// connect jitter (noise on a fast network) count as equal, so idle,
+    /// equally fast endpoints are chosen by weight; real differences (a slow
+    /// endpoint, a busy one) still decide.
     #[inline]
     pub fn load_cost(&self) -> f64 {
-        self.ewma_ns() * (self.active() as f64 + 1.0)
+        self.ewma_ns().max(LATENCY_FLOOR_NS) * (self.active() as f64 + 1.0)
     }
 
     fn observe_rtt(&self, rtt: Duration) {
