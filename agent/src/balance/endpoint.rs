@@ -12,12 +12,17 @@ use prometheus_client::metrics::gauge::Gauge;
 
 use crate::config::{Locality, Outlier};
 
-/// Decay time of the peak-EWMA (as linkerd2-proxy's default).
-pub const EWMA_DECAY: Duration = Duration::from_secs(10);
+/// Decay time of the peak-EWMA. Shorter than linkerd2-proxy's 10 s request
+/// latency: an L4 connect is one short sample, so Ferry forgets a peak faster.
+pub const EWMA_DECAY: Duration = Duration::from_secs(2);
 /// Cost assumed for an endpoint never connected to yet: 1 ms.
 pub const DEFAULT_RTT_NS: f64 = 1_000_000.0;
-/// Connect latencies below this (1 ms) are treated as equal by P2C.
-pub const LATENCY_FLOOR_NS: f64 = 1_000_000.0;
+/// Connect latencies below this (5 ms) are treated as equal by P2C: inside
+/// a cluster connects take well under a millisecond, and differences of a few
+/// milliseconds are scheduling noise (measured here: peaks of 2-4 ms on a
+/// busy 2-vCPU node), not a property of the endpoint. Slower endpoints, and
+/// busy ones (active connections), still lose.
+pub const LATENCY_FLOOR_NS: f64 = 5_000_000.0;
 
 /// Why a connect attempt failed; the `reason` label of the failure metric.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -193,21 +198,26 @@ impl EndpointStats {
         ActiveGuard(self.clone())
     }
 
-    /// Peak-EWMA connect latency in nanoseconds, decayed to now.
+    /// Peak-EWMA connect latency in nanoseconds, decayed to now. Without
+    /// new samples the estimate decays toward zero, so an endpoint that lost
+    /// every comparison after one slow connect is tried again, instead of
+    /// being starved by a stale peak.
     #[inline]
     pub fn ewma_ns(&self) -> f64 {
         let cost = f64::from_bits(self.ewma_bits.load(Ordering::Relaxed));
         if cost == 0.0 {
             return DEFAULT_RTT_NS;
         }
-        cost
+        let now = self.epoch.elapsed().as_nanos() as u64;
+        let last = self.ewma_stamp.load(Ordering::Relaxed);
+        let idle = now.saturating_sub(last) as f64;
+        cost * (-idle / EWMA_DECAY.as_nanos() as f64).exp()
     }
 
     /// The P2C cost: peak-EWMA latency, floored at `LATENCY_FLOOR_NS`,
-    /// x (active + 1) (lower is better). The floor makes sub-millisecond
-    /// connect jitter (noise on a fast network) count as equal, so idle,
-    /// equally fast endpoints are chosen by weight; real differences (a slow
-    /// endpoint, a busy one) still decide.
+    /// x (active + 1) (lower is better). The floor makes connect jitter count
+    /// as equal, so idle, equally fast endpoints are chosen by weight; real
+    /// differences (a slow endpoint, a busy one) still decide.
     #[inline]
     pub fn load_cost(&self) -> f64 {
         self.ewma_ns().max(LATENCY_FLOOR_NS) * (self.active() as f64 + 1.0)
@@ -222,6 +232,7 @@ impl EndpointStats {
             // Peak: jump up at once.
             rtt
         } else {
+            // Move toward the sample by how long it has been since the last.
             let elapsed = now.saturating_sub(last) as f64;
             let w = (-elapsed / EWMA_DECAY.as_nanos() as f64).exp();
             prev * w + rtt * (1.0 - w)
@@ -307,6 +318,9 @@ impl EndpointStats {
         match o.phase {
             OutlierPhase::Ejected { until } if until <= now => {
                 o.phase = OutlierPhase::Trial;
+                // What was learned before the ejection (the failures' peak
+                // latency) is stale: start over, so P2C gives the trial.
+                self.ewma_bits.store(0f64.to_bits(), Ordering::Relaxed);
                 self.ejected.store(false, Ordering::Relaxed);
                 if self.health_ok() {
                     self.metrics.healthy.set(1);

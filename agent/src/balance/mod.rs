@@ -18,6 +18,7 @@
 pub mod dns;
 pub mod endpoint;
 pub mod health;
+pub mod sampling;
 pub mod set;
 pub mod split;
 

@@ -173,10 +173,12 @@ fn peak_ewma_jumps_up_and_decays_down() {
     let st = &ms[0].stats;
     let o = Outlier::default();
     assert_eq!(st.ewma_ns(), endpoint::DEFAULT_RTT_NS);
+    // (Reads decay toward zero with time, so compare with a tolerance.)
+    let near = |v: f64, want: f64| (v - want).abs() < want * 0.01;
     st.on_success(Duration::from_millis(2), &o);
-    assert_eq!(st.ewma_ns(), 2_000_000.0);
+    assert!(near(st.ewma_ns(), 2_000_000.0), "{}", st.ewma_ns());
     st.on_success(Duration::from_millis(50), &o);
-    assert_eq!(st.ewma_ns(), 50_000_000.0, "a peak is taken at once");
+    assert!(near(st.ewma_ns(), 50_000_000.0), "a peak is taken at once");
     st.on_success(Duration::from_millis(1), &o);
     let after = st.ewma_ns();
     assert!(after < 50_000_000.0 && after > 1_000_000.0, "{after}");

@@ -2,7 +2,7 @@
 //! inside the test topology's network namespaces.
 //!
 //! ```text
-//! ferry-testkit serve --id ID --listen ADDR [--mode http|drain-then-reply|reset|report|echo] [--reply-bytes N]
+//! ferry-testkit serve --id ID --listen ADDR [--mode http|drain-then-reply|reset|report|echo] [--reply-bytes N] [--delay-ms MS] [--exit-after N]
 //! ferry-testkit halfclose-client --connect ADDR --send N
 //! ferry-testkit rr-client --connect ADDR --count N [--size BYTES] [--new-connection] [--max-seconds S]
 //! ferry-testkit hold-client --connect ADDR --send N --release FILE [--max-wait SECS]
@@ -10,7 +10,10 @@
 //! ```
 //!
 //! * `http`: answers each request (one per connection) with
-//!   `HTTP/1.1 200`, body `id=ID peer=CLIENT_ADDR\n`, then closes.
+//!   `HTTP/1.1 200`, body `id=ID peer=CLIENT_ADDR\n`, then closes; with
+//!   `--delay-ms` it is a deliberately slow server that answers that late.
+//!   `--exit-after N` (any mode): the process dies right after its Nth
+//!   connection ends.
 //! * `drain-then-reply`: reads until the client's FIN, then sends
 //!   `got=N\n` followed by `--reply-bytes` bytes of a fixed pattern, then FIN.
 //! * `reset`: reads one chunk, then aborts the connection with RST.
@@ -90,6 +93,14 @@ fn serve(args: &[String]) -> Result<()> {
         .map(|s| s.parse())
         .transpose()?
         .unwrap_or(0);
+    let delay = Duration::from_millis(
+        arg(args, "--delay-ms")
+            .map(|s| s.parse())
+            .transpose()?
+            .unwrap_or(0),
+    );
+    let exit_after: Option<u64> = arg(args, "--exit-after").map(|s| s.parse()).transpose()?;
+    let served = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
     let listener = bind_dual(listen)?;
     println!("listening on {listen} id={id} mode={mode}");
     std::io::stdout().flush()?;
@@ -97,10 +108,17 @@ fn serve(args: &[String]) -> Result<()> {
         let Ok(stream) = conn else { continue };
         let id = id.clone();
         let mode = mode.clone();
+        let served = served.clone();
         std::thread::spawn(move || {
             let _ = stream.set_read_timeout(Some(Duration::from_secs(30)));
             let r = match mode.as_str() {
-                "http" => serve_http(stream, &id),
+                "http" => {
+                    // A deliberately slow server: answer only after `delay`.
+                    if !delay.is_zero() {
+                        std::thread::sleep(delay);
+                    }
+                    serve_http(stream, &id)
+                }
                 "drain-then-reply" => serve_drain(stream, reply_bytes),
                 "reset" => serve_reset(stream),
                 "echo" => serve_echo(stream),
@@ -109,6 +127,14 @@ fn serve(args: &[String]) -> Result<()> {
             };
             if let Err(e) = r {
                 eprintln!("connection error: {e:#}");
+            }
+            // Die abruptly (no orderly shutdown, like a crash) right after
+            // finishing the Nth connection, so no connection is in flight.
+            let n = served.fetch_add(1, std::sync::atomic::Ordering::SeqCst) + 1;
+            if exit_after == Some(n) {
+                println!("exiting after {n} connections");
+                let _ = std::io::stdout().flush();
+                std::process::exit(0);
             }
         });
     }
