@@ -139,7 +139,7 @@ fn start(listener: TcpListener, yaml: &str) -> Running {
         metrics: metrics.proxy.clone(),
         destinations: Destinations::LocalAddress,
         bypass_mark: 0,
-        connect_timeout: config.proxy.connect_timeout,
+        balance_metrics: Arc::new(ferry::balance::BalanceMetrics::default()),
     });
     let service = listener.local_addr().unwrap();
     let stop = CancellationToken::new();
@@ -222,6 +222,7 @@ services:
   - name: web
     addresses: [{SERVICE_IP}]
     ports: [{{ port: {port}, target_port: {target_port} }}]
+    balancing: {{ algorithm: round_robin }}
     endpoints:
       - {{ address: 127.0.0.3, weight: 60 }}
       - {{ address: 127.0.0.4, weight: 30 }}
