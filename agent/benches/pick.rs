@@ -285,6 +285,53 @@ fn diagnostics(b: Budget) {
         black_box(flat[i].load(Ordering::Relaxed));
     });
     println!("  random index into a flat Vec<AtomicU64> (800 KB)         {ns:>7.1}");
+    // Weighted choices alone (no endpoint touched), varied weights: the
+    // set's current methods (replicas: binary search over cumulative weights;
+    // EDF heap under a mutex) against balance::sampling.
+    let weights: Vec<u32> = (0..n).map(varied_weight).collect();
+    let mut cum = Vec::with_capacity(n);
+    let mut acc = 0u64;
+    for w in &weights {
+        acc += u64::from(*w);
+        cum.push(acc);
+    }
+    let ns = time(&mut || {
+        let r = rng.random_range(0..acc);
+        black_box(cum.partition_point(|c| *c <= r));
+    });
+    println!("  weighted random: binary search over cumulative weights   {ns:>7.1}");
+    let alias = ferry::balance::sampling::AliasTable::new(&weights).expect("non-empty");
+    let ns = time(&mut || {
+        black_box(alias.sample(&mut rng));
+    });
+    println!("  weighted random: alias table (sampling::AliasTable)      {ns:>7.1}");
+    {
+        use std::cmp::Reverse;
+        use std::collections::BinaryHeap;
+        let step: Vec<u128> = weights
+            .iter()
+            .map(|w| (1u128 << 64) / u128::from(*w))
+            .collect();
+        let heap: BinaryHeap<Reverse<(u128, u32)>> = step
+            .iter()
+            .enumerate()
+            .map(|(i, s)| Reverse((*s, i as u32)))
+            .collect();
+        let edf = std::sync::Mutex::new(heap);
+        let ns = time(&mut || {
+            let mut h = edf.lock().unwrap();
+            if let Some(Reverse((due, i))) = h.pop() {
+                h.push(Reverse((due + step[i as usize], i)));
+                black_box(i);
+            }
+        });
+        println!("  weighted round robin: EDF heap under a mutex            {ns:>7.1}");
+    }
+    let cycle = ferry::balance::sampling::WeightedCycle::new(&weights).expect("non-empty");
+    let ns = time(&mut || {
+        black_box(cycle.next());
+    });
+    println!("  weighted round robin: sampling::WeightedCycle           {ns:>7.1}");
     println!(
         "  size_of::<EndpointStats>() = {} bytes (+ its metric handles' own allocations)",
         std::mem::size_of::<ferry::balance::EndpointStats>()
