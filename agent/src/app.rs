@@ -14,6 +14,8 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{error, info, warn};
 
+use crate::balance::dns::DnsState;
+use crate::balance::{BalanceMetrics, Registry};
 use crate::capture::{Capture, CaptureError};
 use crate::config::{self, AuthorizationMode, Config};
 use crate::hbone::inbound::Inbound;
@@ -69,7 +71,22 @@ pub async fn run(config: Config, config_path: Option<PathBuf>) -> Result<(), App
 
     let metrics = Arc::new(Metrics::new(&config.node_name));
     let ready = Arc::new(Readiness::default());
-    let state = Arc::new(State::new(Snapshot::new(&config)));
+    let balance_metrics = Arc::new(BalanceMetrics::default());
+    metrics.register_balance(&balance_metrics);
+    let registry = Arc::new(Registry::new(balance_metrics.clone()));
+    let dns = Arc::new(DnsState::default());
+    metrics.register_dns(&dns.metrics);
+    let state = Arc::new(State::new(Snapshot::build(&config, &registry)));
+    // Ferry's own sockets carry the bypass mark when capture is on (so it
+    // never captures itself) and in STRICT mode (the mark is what lets its
+    // connections to local pods through).
+    let strict_mode = config.authorization.mode == AuthorizationMode::Strict;
+    let mark = if config.capture.enabled || strict_mode {
+        config.capture.bypass_mark
+    } else {
+        0
+    };
+    start_snapshot_tasks(&state.load(), mark, &config.dns, &dns);
 
     let outbound = proxy::bind(config.listeners.outbound)?;
     let inbound_listener = hbone::inbound::bind(config.listeners.inbound)?;
@@ -81,10 +98,9 @@ pub async fn run(config: Config, config_path: Option<PathBuf>) -> Result<(), App
     tls.store()
         .sync(&state.load().workload_identities())
         .await?;
-    let strict_mark = config.capture.bypass_mark;
-    let strict = if config.authorization.mode == AuthorizationMode::Strict {
+    let strict = if strict_mode {
         let pods: Vec<_> = state.load().workload_addresses().collect();
-        let rules = Arc::new(StrictRules::install(&pods, strict_mark)?);
+        let rules = Arc::new(StrictRules::install(&pods, config.capture.bypass_mark)?);
         let r = rules.clone();
         metrics.register_read_counter(
             "ferry_strict_refused",
@@ -128,11 +144,6 @@ pub async fn run(config: Config, config_path: Option<PathBuf>) -> Result<(), App
         admin_stop.clone(),
     ));
 
-    let mark = if config.capture.enabled || strict.is_some() {
-        config.capture.bypass_mark
-    } else {
-        0
-    };
     let pool = Arc::new(Pool::new(
         tls.clone(),
         metrics.hbone.clone(),
@@ -155,15 +166,12 @@ pub async fn run(config: Config, config_path: Option<PathBuf>) -> Result<(), App
         state: state.clone(),
         metrics: metrics.proxy.clone(),
         destinations,
-        bypass_mark: if config.capture.enabled {
-            config.capture.bypass_mark
-        } else {
-            0
-        },
-        connect_timeout: config.proxy.connect_timeout,
+        bypass_mark: mark,
+        balance_metrics: balance_metrics.clone(),
         tunnel: Some(pool.clone()),
     });
-    let pool_handle = pool;
+    let maintenance_stop = CancellationToken::new();
+    tokio::spawn(maintain(state.clone(), maintenance_stop.clone()));
     if let Some(c) = &capture {
         metrics.register_ebpf(Arc::new(CaptureCounters(c.clone())));
     }
@@ -184,7 +192,7 @@ pub async fn run(config: Config, config_path: Option<PathBuf>) -> Result<(), App
         kill.clone(),
     ));
     tokio::spawn(hbone::pool::run_idle_reaper(
-        pool_handle,
+        pool,
         hbone::POOL_IDLE_TIMEOUT,
         admin_stop.clone(),
     ));
@@ -222,7 +230,7 @@ pub async fn run(config: Config, config_path: Option<PathBuf>) -> Result<(), App
                         if new.listeners != current.listeners || new.capture != current.capture {
                             warn!("listeners and capture settings change only on restart; services are reloaded");
                         }
-                        let snapshot = Snapshot::new(&new);
+                        let snapshot = Snapshot::build(&new, &registry);
                         if let Some(c) = &capture
                             && let Err(e) = c.sync_services(&snapshot)
                         {
@@ -238,10 +246,11 @@ pub async fn run(config: Config, config_path: Option<PathBuf>) -> Result<(), App
                         }
                         if let Some(rules) = &strict {
                             let pods: Vec<_> = snapshot.workload_addresses().collect();
-                            if let Err(e) = rules.update(&pods, strict_mark) {
+                            if let Err(e) = rules.update(&pods, current.capture.bypass_mark) {
                                 error!(error = %e, "reload: updating the STRICT rules failed");
                             }
                         }
+                        start_snapshot_tasks(&snapshot, mark, &new.dns, &dns);
                         state.store(snapshot);
                         info!(services = new.services.len(), "configuration reloaded");
                         current = new;
@@ -274,11 +283,52 @@ pub async fn run(config: Config, config_path: Option<PathBuf>) -> Result<(), App
         tracker.wait().await;
     }
     admin_stop.cancel();
+    maintenance_stop.cancel();
     drop(proxy);
     drop(capture);
     drop(strict);
     info!("drained; capture detached; bye");
     Ok(())
+}
+
+/// Starts the background work a snapshot needs (active health checks, DNS
+/// refresh of hostname endpoints); it stops when the snapshot is replaced
+/// and dropped (the DNS refresher as soon as the next one starts). Call it
+/// before the snapshot is published: it fills in hostname addresses known
+/// from the previous snapshot.
+fn start_snapshot_tasks(
+    snapshot: &Snapshot,
+    mark: u32,
+    dns_cfg: &config::Dns,
+    dns: &Arc<DnsState>,
+) {
+    crate::balance::dns::start(snapshot.sets(), dns_cfg, dns, &snapshot.stop_token());
+    for set in snapshot.sets() {
+        if let Some(hc) = &set.policy().health_check {
+            tokio::spawn(crate::balance::health::run(
+                set.clone(),
+                hc.clone(),
+                mark,
+                snapshot.stop_token(),
+            ));
+        }
+    }
+}
+
+/// Ends ejections whose time is up, across the current snapshot.
+async fn maintain(state: Arc<State>, stop: CancellationToken) {
+    let mut tick = tokio::time::interval(std::time::Duration::from_millis(100));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        let now = std::time::Instant::now();
+        for set in state.load().sets() {
+            set.expire_ejections(now);
+        }
+    }
 }
 
 /// Applies what a reload may change in TLS: the trust bundle file is re-read,

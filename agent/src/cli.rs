@@ -102,7 +102,10 @@ pub fn main() -> ExitCode {
                     "{}: ok ({} services, {} endpoints, capture {})",
                     config.display(),
                     c.services.len(),
-                    c.services.iter().map(|s| s.endpoints.len()).sum::<usize>(),
+                    c.services
+                        .iter()
+                        .map(|s| s.endpoints().count())
+                        .sum::<usize>(),
                     if c.capture.enabled {
                         "enabled"
                     } else {

@@ -231,7 +231,7 @@ authorization:
         metrics: metrics_a.proxy.clone(),
         destinations: Destinations::LocalAddress,
         bypass_mark: 0,
-        connect_timeout: Duration::from_secs(5),
+        balance_metrics: Arc::new(ferry::balance::BalanceMetrics::default()),
         tunnel: Some(pool.clone()),
     });
     let inb = Arc::new(Inbound {

@@ -21,7 +21,7 @@ use std::io::{Read, Write};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
@@ -128,8 +128,13 @@ pub fn ferry_binary() -> Result<PathBuf> {
     )
 }
 
-/// The `ferry-testkit` binary (servers and clients for tests).
+/// The `ferry-testkit` binary (servers and clients for tests):
+/// `$FERRY_TESTKIT`, or the one cargo built alongside, or `ferry-testkit` in
+/// the target directory this binary was built in.
 pub fn testkit_binary() -> Result<PathBuf> {
+    if let Some(p) = std::env::var_os("FERRY_TESTKIT") {
+        return Ok(PathBuf::from(p));
+    }
     if let Some(p) = option_env!("CARGO_BIN_EXE_ferry-testkit") {
         return Ok(PathBuf::from(p));
     }
@@ -140,7 +145,21 @@ pub fn testkit_binary() -> Result<PathBuf> {
             return Ok(cand);
         }
     }
-    bail!("cannot find ferry-testkit near {}", exe.display())
+    bail!(
+        "cannot find ferry-testkit near {} (build it with `cargo build -p ferry-tests`, or set FERRY_TESTKIT)",
+        exe.display()
+    )
+}
+
+/// Reads a child's pipe to the end on a thread.
+fn drain<R: Read + Send + 'static>(pipe: Option<R>) -> std::thread::JoinHandle<Vec<u8>> {
+    std::thread::spawn(move || {
+        let mut buf = Vec::new();
+        if let Some(mut pipe) = pipe {
+            let _ = pipe.read_to_end(&mut buf);
+        }
+        buf
+    })
 }
 
 /// Runs a command to completion; fails with its stderr when it fails.
@@ -481,6 +500,57 @@ impl Topology {
         Ok(String::from_utf8_lossy(&out.stdout).into_owned())
     }
 
+    /// Like [`Topology::exec`], but bounded: the process is killed and an
+    /// error returned when it runs longer than `timeout`, or as soon as
+    /// `stop` is set (e.g. by a signal handler).
+    pub fn exec_bounded(
+        &self,
+        netns: &str,
+        group: Group,
+        program: &Path,
+        args: &[&str],
+        timeout: Duration,
+        stop: Option<&AtomicBool>,
+    ) -> Result<String> {
+        let what = || format!("{} {} in {netns}", program.display(), args.join(" "));
+        let mut child = self
+            .command(netns, group, program, args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .with_context(|| format!("running {}", what()))?;
+        let stdout = drain(child.stdout.take());
+        let stderr = drain(child.stderr.take());
+        let start = Instant::now();
+        let gave_up = loop {
+            if let Some(status) = child.try_wait()? {
+                break Ok(status);
+            }
+            if stop.is_some_and(|s| s.load(Ordering::SeqCst)) {
+                break Err(format!("{} stopped (interrupted)", what()));
+            }
+            if start.elapsed() > timeout {
+                break Err(format!("{} did not finish within {timeout:?}", what()));
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        };
+        if gave_up.is_err() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        let out = stdout.join().unwrap_or_default();
+        let err = stderr.join().unwrap_or_default();
+        let err = String::from_utf8_lossy(&err);
+        match gave_up {
+            Err(why) => bail!("{why}: {}", err.trim()),
+            Ok(status) if !status.success() => {
+                bail!("{} failed ({status}): {}", what(), err.trim())
+            }
+            Ok(_) => Ok(String::from_utf8_lossy(&out).into_owned()),
+        }
+    }
+
     /// Starts a long-running process; it is killed when the topology drops.
     /// Its stdout and stderr go to `<dir>/<label>.log`.
     pub fn spawn(
@@ -603,6 +673,64 @@ impl Topology {
         }
     }
 
+    /// The absolute path of `group`'s cgroup directory.
+    pub fn cgroup_path(&self, group: Group) -> PathBuf {
+        self.cgroup_dir(group)
+    }
+
+    /// What a labelled process has written so far (`<dir>/<label>.log`).
+    pub fn log_text(&self, label: &str) -> String {
+        std::fs::read_to_string(self.dir.join(format!("{label}.log"))).unwrap_or_default()
+    }
+
+    /// Writes `config_yaml` and runs `ferry run` with it in the node
+    /// namespace, expecting it to exit by itself (a configuration or start-up
+    /// error). Fails if it is still running after `timeout` (it is killed).
+    pub fn run_ferry_expect_exit(
+        &self,
+        label: &str,
+        config_yaml: &str,
+        timeout: Duration,
+    ) -> Result<Exited> {
+        let path = self.dir.join(format!("{label}.yaml"));
+        std::fs::write(&path, config_yaml)?;
+        let bin = ferry_binary()?;
+        let out_path = self.dir.join(format!("{label}.out"));
+        let err_path = self.dir.join(format!("{label}.log"));
+        let mut child = Command::new("nsenter")
+            .arg(format!("--net=/run/netns/{}", self.node_netns))
+            .arg(&bin)
+            .args(["run", "--config"])
+            .arg(&path)
+            .env("FERRY_LOG", "info")
+            .env("NO_COLOR", "1")
+            .stdin(Stdio::null())
+            .stdout(std::fs::File::create(&out_path)?)
+            .stderr(std::fs::File::create(&err_path)?)
+            .spawn()
+            .context("starting ferry")?;
+        let start = Instant::now();
+        let status = loop {
+            if let Some(status) = child.try_wait()? {
+                break status;
+            }
+            if start.elapsed() > timeout {
+                let _ = child.kill();
+                let _ = child.wait();
+                bail!(
+                    "ferry ({label}) still running after {timeout:?}:\n{}",
+                    std::fs::read_to_string(&err_path).unwrap_or_default()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        Ok(Exited {
+            code: status.code(),
+            stdout: std::fs::read_to_string(&out_path).unwrap_or_default(),
+            stderr: std::fs::read_to_string(&err_path).unwrap_or_default(),
+        })
+    }
+
     /// Waits for a child process to exit and returns its exit code.
     pub fn wait_exit(&mut self, label: &str, timeout: Duration) -> Result<Option<i32>> {
         let start = Instant::now();
@@ -723,6 +851,65 @@ impl Drop for Topology {
     }
 }
 
+/// How a process that was expected to exit ended.
+#[derive(Debug, Clone)]
+pub struct Exited {
+    /// The exit code (`None`: killed by a signal).
+    pub code: Option<i32>,
+    pub stdout: String,
+    pub stderr: String,
+}
+
+/// The names of the BPF programs attached directly to the cgroup at `path`
+/// (absolute), as `bpftool cgroup show` lists them. Kernel program names are
+/// at most 15 characters (`ferry_track_established` shows as `ferry_track_est`).
+pub fn cgroup_programs(path: &Path) -> Result<Vec<String>> {
+    let bpftool =
+        which("bpftool").context("`bpftool` is not installed (run `cargo xtask setup`)")?;
+    let path = path.to_str().context("cgroup path is not UTF-8")?;
+    let out = run(&bpftool.to_string_lossy(), &["-j", "cgroup", "show", path])?;
+    // JSON is YAML: one array of {id, attach_type, attach_flags, name}.
+    #[derive(serde::Deserialize)]
+    struct Attached {
+        #[serde(default)]
+        name: String,
+    }
+    let text = out.trim();
+    if text.is_empty() {
+        return Ok(Vec::new());
+    }
+    let list: Vec<Attached> = serde_yaml_ng::from_str(text)
+        .with_context(|| format!("parsing `bpftool -j cgroup show {path}`: {text}"))?;
+    Ok(list.into_iter().map(|a| a.name).collect())
+}
+
+/// The programs of [`cgroup_programs`] that are Ferry's (named `ferry_*`).
+pub fn ferry_programs_on(path: &Path) -> Result<Vec<String>> {
+    Ok(cgroup_programs(path)?
+        .into_iter()
+        .filter(|n| n.starts_with("ferry_"))
+        .collect())
+}
+
+/// Polls `probe` every 20 ms until it returns `Some`, for at most `timeout`;
+/// `what` names the awaited condition in the error.
+pub fn wait_for<T>(
+    what: &str,
+    timeout: Duration,
+    mut probe: impl FnMut() -> Result<Option<T>>,
+) -> Result<T> {
+    let start = Instant::now();
+    loop {
+        if let Some(v) = probe()? {
+            return Ok(v);
+        }
+        if start.elapsed() > timeout {
+            bail!("timed out after {timeout:?} waiting for {what}");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
 /// A running Ferry.
 #[derive(Debug, Clone)]
 pub struct Ferry {
@@ -763,6 +950,34 @@ impl Ferry {
     /// `ferry_connections_opened_total{service="default/web"}`; 0 if absent.
     pub fn metric(&self, sample: &str) -> Result<f64> {
         Ok(metric_value(&self.metrics()?, sample))
+    }
+
+    /// Waits until Ferry's log contains `needle` at least `count` times.
+    pub fn wait_log_count(&self, needle: &str, count: usize, timeout: Duration) -> Result<()> {
+        wait_for(
+            &format!("{count}x {needle:?} in {}", self.log.display()),
+            timeout,
+            || Ok((self.log_text().matches(needle).count() >= count).then_some(())),
+        )
+        .with_context(|| self.log_text())
+    }
+
+    /// Waits until a GET on an admin port answers `code` (0: no answer).
+    pub fn wait_status(&self, port: &str, path: &str, code: u16, timeout: Duration) -> Result<()> {
+        wait_for(&format!("{path} to answer {code}"), timeout, || {
+            Ok((self.http(port, path)?.0 == code).then_some(()))
+        })
+    }
+
+    /// Waits until `sample` (as in [`Ferry::metric`]) equals `value`.
+    pub fn wait_metric(&self, sample: &str, value: f64, timeout: Duration) -> Result<()> {
+        let mut last = None;
+        wait_for(&format!("{sample} == {value}"), timeout, || {
+            let v = self.metric(sample)?;
+            last = Some(v);
+            Ok((v == value).then_some(()))
+        })
+        .with_context(|| format!("last value: {last:?}"))
     }
 
     /// Sends a signal to Ferry.

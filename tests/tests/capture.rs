@@ -7,9 +7,13 @@ use std::time::Duration;
 use anyhow::Result;
 use ferry_tests::{Group, Topology, count_ids, metric_value, root_test_can_run, which};
 
+// Weighted round robin: exact over every cycle of 100 connections, so the
+// split can be asserted tightly (the default, P2C, is load-aware and only
+// statistically weighted).
 const SERVICE: &str = r#"  - name: web
     addresses: [10.96.0.20, "fd96::20"]
     ports: [{ port: 80, target_port: 8080 }]
+    balancing: { algorithm: round_robin }
     endpoints:
       - { address: 10.77.1.11, weight: 60 }
       - { address: 10.77.1.12, weight: 30 }
@@ -137,7 +141,7 @@ fn weighted_split_direct_bypass_and_enrollment() -> Result<()> {
     assert_eq!(
         (ids6.get("b1"), ids6.get("b2"), ids6.get("b3")),
         (Some(&60), Some(&30), Some(&10)),
-        "smooth weighted round-robin is exact over a whole cycle"
+        "weighted round robin is exact over a whole cycle"
     );
     assert!(
         out6.lines().all(|l| l.contains("peer=10.77.1.1:")),

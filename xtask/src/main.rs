@@ -4,7 +4,9 @@
 //! Each task lives in its own module; this file only parses the command line
 //! and dispatches.
 
+mod bench;
 mod bench_tunnel;
+mod demo;
 mod ebpf;
 mod fuzz;
 mod setup;
@@ -23,7 +25,8 @@ use clap::{Parser, Subcommand};
     long_about = "Ferry's developer tasks.\n\n\
         Start with `cargo xtask setup` (installs the eBPF toolchain and the test tools when \
         missing; needs root for apt), then `cargo xtask build-ebpf`, or run everything CI \
-        runs with `cargo xtask test`."
+        runs with `cargo xtask test`. `cargo xtask demo` shows Ferry at work from a fresh \
+        machine; `cargo xtask bench` measures what going through Ferry costs."
 )]
 struct Cli {
     #[command(subcommand)]
@@ -59,6 +62,29 @@ enum Task {
     /// (FERRY_REQUIRE_ROOT_TESTS=1). Exits non-zero when any step fails.
     Test(test::TestArgs),
 
+    /// Show Ferry at work, from a fresh machine (needs root).
+    ///
+    /// Runs setup, build-ebpf and a release build of ferry and ferry-testkit,
+    /// then builds a node with a client pod and three backend pods in network
+    /// namespaces, starts Ferry with a generated config (service 10.96.0.20:80
+    /// and [fd96::20]:80, backends weighted 60/30/10), opens N connections
+    /// from the client pod to the service with curl and prints how they were
+    /// split, then 100 over IPv6, one direct connection that bypasses Ferry,
+    /// and a few of Ferry's metrics. Everything is removed at the end, also
+    /// on Ctrl-C.
+    Demo(demo::DemoArgs),
+
+    /// Measure what going through Ferry costs (needs root).
+    ///
+    /// Runs setup, build-ebpf and a release build, then on the local
+    /// topology measures client pod -> server pod (a) directly and (b)
+    /// through a service address captured by Ferry: iperf3 throughput,
+    /// 64-byte request/response latency on one connection (p50..p99.9) and
+    /// new connections per second. Prints a table with the ratio
+    /// Ferry/direct and writes tests/bench/RESULTS.md (a --quick run writes a
+    /// temporary file unless --write is given).
+    Bench(bench::BenchArgs),
+
     /// Fuzz the inbound tunnel's request parsing briefly (cargo fuzz).
     ///
     /// Runs each target in agent/fuzz (`inbound_request`: CONNECT target
@@ -81,11 +107,17 @@ fn main() -> ExitCode {
         Task::Setup(args) => setup::run(args).map(drop),
         Task::BuildEbpf(args) => ebpf::run(args).map(drop),
         Task::Test(args) => test::run(args),
+        Task::Demo(args) => demo::run(args),
+        Task::Bench(args) => bench::run(args),
         Task::Fuzz(args) => fuzz::run(args),
         Task::BenchTunnel(args) => bench_tunnel::run(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
+        Err(err) if err.is::<demo::Interrupted>() => {
+            eprintln!("interrupted: stopped and cleaned up");
+            ExitCode::from(130)
+        }
         Err(err) => {
             // Not `{err:?}`: with RUST_BACKTRACE set that adds a backtrace,
             // which says nothing useful about a failed install or build.
@@ -144,5 +176,19 @@ mod tests {
         assert!(matches!(cli.command, Task::BuildEbpf(ref a) if a.debug));
         let cli = Cli::try_parse_from(["xtask", "setup", "--ebpf-only", "--dry-run"]).unwrap();
         assert!(matches!(cli.command, Task::Setup(ref a) if a.ebpf_only && a.dry_run));
+    }
+
+    #[test]
+    fn demo_and_bench_flags() {
+        let cli = Cli::try_parse_from(["xtask", "demo"]).unwrap();
+        assert!(
+            matches!(cli.command, Task::Demo(ref a) if a.connections == 1000 && !a.keep_running)
+        );
+        let cli = Cli::try_parse_from(["xtask", "demo", "--connections", "50", "--keep-running"])
+            .unwrap();
+        assert!(matches!(cli.command, Task::Demo(ref a) if a.connections == 50 && a.keep_running));
+        assert!(Cli::try_parse_from(["xtask", "demo", "--connections", "0"]).is_err());
+        let cli = Cli::try_parse_from(["xtask", "bench", "--quick"]).unwrap();
+        assert!(matches!(cli.command, Task::Bench(ref a) if a.quick && !a.write));
     }
 }

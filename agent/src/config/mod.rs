@@ -14,6 +14,12 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
+pub mod balancing;
+pub mod dns;
+
+pub use balancing::{Algorithm, Failover, HealthCheck, LocalityPolicy, Outlier, Policy};
+pub use dns::Dns;
+
 /// Ferry's default bypass mark (`SO_MARK` on its own upstream sockets): 0x539,
 /// the value Istio uses for the same purpose, so operators recognise it.
 pub const DEFAULT_BYPASS_MARK: u32 = 0x539;
@@ -91,6 +97,9 @@ pub struct RawConfig {
     pub proxy: RawProxy,
     #[serde(default)]
     pub services: Vec<RawService>,
+    /// How hostname endpoints are resolved.
+    #[serde(default)]
+    pub dns: dns::RawDns,
     /// The pods on this node and their identities (the mesh's local workloads).
     #[serde(default)]
     pub workloads: Vec<RawWorkload>,
@@ -208,6 +217,10 @@ pub struct RawRule {
 pub struct RawNode {
     /// This node's name; defaults to the host name.
     pub name: Option<String>,
+    /// This node's zone (`topology.kubernetes.io/zone`), for locality.
+    pub zone: Option<String>,
+    /// This node's region (`topology.kubernetes.io/region`), for locality.
+    pub region: Option<String>,
 }
 
 #[derive(Debug, Clone, Deserialize, Default)]
@@ -272,7 +285,8 @@ fn default_mark() -> u32 {
 #[derive(Debug, Clone, Deserialize, Default)]
 #[serde(deny_unknown_fields)]
 pub struct RawProxy {
-    /// Upper bound on one upstream connect. Default 5s.
+    /// Upper bound on one upstream connect attempt, unless a service's
+    /// `failover.connect_timeout` says otherwise. Default 1s.
     pub connect_timeout: Option<HumanDuration>,
     /// On SIGTERM, how long open connections may finish before they are
     /// closed. Default 30s.
@@ -290,6 +304,31 @@ pub struct RawService {
     pub addresses: Vec<IpAddr>,
     #[serde(default)]
     pub ports: Vec<RawPort>,
+    /// The endpoints, when the service has one backend set. Exclusive with
+    /// `backend_sets`.
+    #[serde(default)]
+    pub endpoints: Vec<RawEndpoint>,
+    /// Weighted split between backend sets (e.g. v1 80 / v2 20); each set is
+    /// balanced on its own.
+    #[serde(default)]
+    pub backend_sets: Vec<RawBackendSet>,
+    #[serde(default)]
+    pub balancing: balancing::RawBalancing,
+    #[serde(default)]
+    pub failover: balancing::RawFailover,
+    #[serde(default)]
+    pub outlier_detection: balancing::RawOutlier,
+    pub health_check: Option<balancing::RawHealthCheck>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawBackendSet {
+    pub name: String,
+    /// Share of the service's connections, relative to the other sets.
+    /// Default 1.
+    #[serde(default = "default_weight")]
+    pub weight: u32,
     #[serde(default)]
     pub endpoints: Vec<RawEndpoint>,
 }
@@ -316,14 +355,24 @@ fn default_protocol() -> String {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RawEndpoint {
-    pub address: IpAddr,
+    /// The endpoint's IP address. Exactly one of `address` and `hostname`.
+    pub address: Option<IpAddr>,
+    /// A DNS name; every address it resolves to is an endpoint, re-resolved
+    /// at the record's TTL.
+    pub hostname: Option<String>,
+    /// The endpoint's port; defaults to the service port's `target_port`.
+    pub port: Option<u16>,
     /// Relative weight; default 1.
     #[serde(default = "default_weight")]
     pub weight: u32,
-    /// The node the pod runs on; another node's pods are reached through
-    /// the HBONE tunnel. Absent: this node, or not a mesh pod.
+    /// The node the endpoint runs on (locality: same node is preferred).
     pub node: Option<String>,
-    /// The pod's namespace (its identity); default the service's.
+    /// The endpoint's zone.
+    pub zone: Option<String>,
+    /// The endpoint's region.
+    pub region: Option<String>,
+    /// The pod's namespace (its identity, checked when it is reached
+    /// through the tunnel); default the service's.
     pub namespace: Option<String>,
     /// The pod's service account (its identity); default `default`.
     pub service_account: Option<String>,
@@ -341,10 +390,13 @@ fn default_weight() -> u32 {
 #[derive(Debug, Clone, PartialEq)]
 pub struct Config {
     pub node_name: String,
+    /// This node's locality (`node` is `node_name`).
+    pub locality: Locality,
     pub listeners: Listeners,
     pub capture: Capture,
     pub proxy: Proxy,
     pub services: Vec<Service>,
+    pub dns: Dns,
     pub workloads: Vec<Workload>,
     pub nodes: BTreeMap<String, SocketAddr>,
     pub tls: Tls,
@@ -429,19 +481,50 @@ pub struct Proxy {
     pub drain_deadline: Duration,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct Service {
     pub name: String,
     pub namespace: String,
     pub addresses: Vec<IpAddr>,
     pub ports: Vec<Port>,
+    /// At least one set; a service written with `endpoints:` has one set
+    /// named `default`.
+    pub sets: Vec<BackendSet>,
+    pub policy: Policy,
+}
+
+/// A weighted group of endpoints within a service.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BackendSet {
+    pub name: String,
+    pub weight: u32,
     pub endpoints: Vec<Endpoint>,
+}
+
+/// Where an endpoint is: node, zone, region (each optional).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Hash)]
+pub struct Locality {
+    pub node: Option<String>,
+    pub zone: Option<String>,
+    pub region: Option<String>,
+}
+
+/// How an endpoint is addressed.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum EndpointTarget {
+    Ip(IpAddr),
+    Hostname(String),
 }
 
 impl Service {
     /// `namespace/name`, the service's label in logs and metrics.
     pub fn key(&self) -> String {
         format!("{}/{}", self.namespace, self.name)
+    }
+
+    /// Every endpoint of every set.
+    pub fn endpoints(&self) -> impl Iterator<Item = &Endpoint> {
+        self.sets.iter().flat_map(|s| s.endpoints.iter())
     }
 }
 
@@ -453,14 +536,26 @@ pub struct Port {
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Endpoint {
-    pub address: IpAddr,
+    pub target: EndpointTarget,
+    /// Overrides the service port's `target_port`.
+    pub port: Option<u16>,
     pub weight: u32,
-    /// The node the pod runs on, when that is another node (reached through
-    /// the tunnel); `None` for this node's pods and non-mesh addresses.
-    pub node: Option<String>,
-    /// The identity the pod presents.
+    pub locality: Locality,
+    /// The identity the pod presents (namespace, service account); checked
+    /// when the endpoint is on another mesh node and reached through the
+    /// tunnel.
     pub namespace: String,
     pub service_account: String,
+}
+
+impl Endpoint {
+    /// The IP address, for an address endpoint.
+    pub fn ip(&self) -> Option<IpAddr> {
+        match &self.target {
+            EndpointTarget::Ip(ip) => Some(*ip),
+            EndpointTarget::Hostname(_) => None,
+        }
+    }
 }
 
 /// Reads, parses and validates a configuration file.
@@ -534,6 +629,7 @@ impl RawConfig {
     /// Checks every rule; on failure returns all violations, in file order.
     pub fn validate(&self) -> Result<Config, Vec<Violation>> {
         let mut v = Vec::new();
+        let mut v_policy = Vec::new();
         let mut bad = |field: String, reason: &str| {
             v.push(Violation {
                 field,
@@ -666,7 +762,7 @@ impl RawConfig {
             .proxy
             .connect_timeout
             .map(|d| d.0)
-            .unwrap_or(Duration::from_secs(5));
+            .unwrap_or(Duration::from_secs(1));
         if connect_timeout.is_zero() {
             bad("proxy.connect_timeout".into(), "must be greater than 0");
         }
@@ -756,92 +852,258 @@ impl RawConfig {
                     target_port: p.target_port.unwrap_or(p.port),
                 });
             }
-            for (ei, e) in s.endpoints.iter().enumerate() {
-                let eat = format!("{at}.endpoints[{ei}]");
-                if e.weight == 0 {
-                    bad(format!("{eat}.weight"), "must be greater than 0");
-                }
-                if e.weight > 1_000_000 {
-                    bad(format!("{eat}.weight"), "must be at most 1000000");
-                }
-                if e.address.is_unspecified() || e.address.is_multicast() {
-                    bad(format!("{eat}.address"), "must be a unicast address");
-                }
-                if let Some(v4) = ipv4_mapped(e.address) {
+            let raw_sets: Vec<(String, RawBackendSet)> = if !s.backend_sets.is_empty() {
+                if !s.endpoints.is_empty() {
                     bad(
-                        format!("{eat}.address"),
-                        &format!("is an IPv4-mapped IPv6 address: write it as {v4}"),
+                        format!("{at}.endpoints"),
+                        "cannot be used together with backend_sets: put the endpoints in a set",
                     );
                 }
-                if s.addresses.contains(&e.address) {
-                    bad(
-                        format!("{eat}.address"),
-                        "is one of the service's own addresses (it would loop)",
-                    );
-                }
-                if s.endpoints[..ei].iter().any(|f| f.address == e.address) {
-                    bad(format!("{eat}.address"), "is listed twice");
-                }
-                if let Some(n) = &e.node
-                    && *n != node_name
-                    && !self.nodes.contains_key(n)
-                {
-                    bad(
-                        format!("{eat}.node"),
-                        &format!("{n:?} is not in nodes (where is its HBONE listener?)"),
-                    );
-                }
-                if let Some(ns) = &e.namespace
-                    && !valid_dns_label(ns)
-                {
-                    bad(format!("{eat}.namespace"), "must be a DNS label");
-                }
-                if let Some(sa) = &e.service_account
-                    && !valid_dns_label(sa)
-                {
-                    bad(format!("{eat}.service_account"), "must be a DNS label");
-                }
-            }
-            services.push(Service {
-                name: s.name.clone(),
-                namespace: s.namespace.clone(),
-                addresses: s.addresses.clone(),
-                ports,
-                endpoints: s
-                    .endpoints
+                s.backend_sets
                     .iter()
-                    .map(|e| Endpoint {
-                        address: e.address,
+                    .enumerate()
+                    .map(|(i, b)| (format!("{at}.backend_sets[{i}]"), b.clone()))
+                    .collect()
+            } else {
+                vec![(
+                    at.clone(),
+                    RawBackendSet {
+                        name: "default".into(),
+                        weight: 1,
+                        endpoints: s.endpoints.clone(),
+                    },
+                )]
+            };
+            let mut sets = Vec::with_capacity(raw_sets.len());
+            for (set_i, (sat, set)) in raw_sets.iter().enumerate() {
+                if !s.backend_sets.is_empty() {
+                    if !valid_dns_label(&set.name) {
+                        bad(format!("{sat}.name"), "must be a DNS label");
+                    }
+                    if raw_sets[..set_i].iter().any(|(_, o)| o.name == set.name) {
+                        bad(format!("{sat}.name"), "is listed twice");
+                    }
+                    if set.weight == 0 {
+                        bad(format!("{sat}.weight"), "must be greater than 0");
+                    }
+                    if set.weight > 1_000_000 {
+                        bad(format!("{sat}.weight"), "must be at most 1000000");
+                    }
+                }
+                let mut endpoints = Vec::with_capacity(set.endpoints.len());
+                for (ei, e) in set.endpoints.iter().enumerate() {
+                    let eat = format!("{sat}.endpoints[{ei}]");
+                    if e.weight == 0 {
+                        bad(format!("{eat}.weight"), "must be greater than 0");
+                    }
+                    if e.weight > 1_000_000 {
+                        bad(format!("{eat}.weight"), "must be at most 1000000");
+                    }
+                    if e.port == Some(0) {
+                        bad(format!("{eat}.port"), "must be between 1 and 65535");
+                    }
+                    for (f, val) in [("node", &e.node), ("zone", &e.zone), ("region", &e.region)] {
+                        if val.as_ref().is_some_and(|x| x.trim().is_empty()) {
+                            bad(format!("{eat}.{f}"), "must not be empty");
+                        }
+                    }
+                    if let Some(ns) = &e.namespace
+                        && !valid_dns_label(ns)
+                    {
+                        bad(format!("{eat}.namespace"), "must be a DNS label");
+                    }
+                    if let Some(sa) = &e.service_account
+                        && !valid_dns_label(sa)
+                    {
+                        bad(format!("{eat}.service_account"), "must be a DNS label");
+                    }
+                    // An identity says the pod is in the mesh: on another node
+                    // it must be reachable through that node's tunnel.
+                    if (e.namespace.is_some() || e.service_account.is_some())
+                        && let Some(n) = &e.node
+                        && *n != node_name
+                        && !self.nodes.contains_key(n)
+                    {
+                        bad(
+                            format!("{eat}.node"),
+                            &format!(
+                                "{n:?} is not in nodes: a mesh endpoint on another node needs that node's HBONE address"
+                            ),
+                        );
+                    }
+                    let target = match (&e.address, &e.hostname) {
+                        (Some(_), Some(_)) => {
+                            bad(eat.clone(), "has both address and hostname: give one");
+                            continue;
+                        }
+                        (None, None) => {
+                            bad(eat.clone(), "needs an address or a hostname");
+                            continue;
+                        }
+                        (None, Some(h)) => {
+                            if !balancing::valid_hostname(h) {
+                                bad(
+                                    format!("{eat}.hostname"),
+                                    "must be a DNS name (labels of a-z, 0-9 and '-')",
+                                );
+                            }
+                            if set.endpoints[..ei].iter().any(|f| {
+                                f.hostname.as_deref() == Some(h.as_str()) && f.port == e.port
+                            }) {
+                                bad(format!("{eat}.hostname"), "is listed twice");
+                            }
+                            EndpointTarget::Hostname(h.trim_end_matches('.').to_ascii_lowercase())
+                        }
+                        (Some(addr), None) => {
+                            let addr = *addr;
+                            if addr.is_unspecified() || addr.is_multicast() {
+                                bad(format!("{eat}.address"), "must be a unicast address");
+                            }
+                            if let Some(v4) = ipv4_mapped(addr) {
+                                bad(
+                                    format!("{eat}.address"),
+                                    &format!("is an IPv4-mapped IPv6 address: write it as {v4}"),
+                                );
+                            }
+                            if s.addresses.contains(&addr) {
+                                bad(
+                                    format!("{eat}.address"),
+                                    "is one of the service's own addresses (it would loop)",
+                                );
+                            }
+                            if set.endpoints[..ei]
+                                .iter()
+                                .any(|f| f.address == Some(addr) && f.port == e.port)
+                            {
+                                bad(format!("{eat}.address"), "is listed twice");
+                            }
+                            EndpointTarget::Ip(addr)
+                        }
+                    };
+                    endpoints.push(Endpoint {
+                        target,
+                        port: e.port,
                         weight: e.weight,
-                        node: e.node.clone().filter(|n| *n != node_name),
+                        locality: Locality {
+                            node: e.node.clone(),
+                            zone: e.zone.clone(),
+                            region: e.region.clone(),
+                        },
                         namespace: e.namespace.clone().unwrap_or_else(|| s.namespace.clone()),
                         service_account: e
                             .service_account
                             .clone()
                             .unwrap_or_else(default_service_account),
-                    })
-                    .collect(),
+                    });
+                }
+                sets.push(BackendSet {
+                    name: set.name.clone(),
+                    weight: set.weight,
+                    endpoints,
+                });
+            }
+            let policy = balancing::validate_policy(
+                &at,
+                &s.balancing,
+                &s.failover,
+                &s.outlier_detection,
+                s.health_check.as_ref(),
+                connect_timeout,
+                &mut v_policy,
+            );
+            services.push(Service {
+                name: s.name.clone(),
+                namespace: s.namespace.clone(),
+                addresses: s.addresses.clone(),
+                ports,
+                sets,
+                policy,
             });
         }
         // An endpoint that is itself a service address would be captured again.
-        for (si, s) in self.services.iter().enumerate() {
-            for (ei, e) in s.endpoints.iter().enumerate() {
-                for p in &services[si].ports {
-                    if let Some(other) = owners.get(&(e.address, p.target_port))
-                        && *other != si
-                    {
-                        bad(
-                            format!("services[{si}].endpoints[{ei}].address"),
-                            &format!(
-                                "{}:{} is a service address of services[{other}]; endpoints must be workload addresses",
-                                e.address, p.target_port
-                            ),
-                        );
+        for (si, s) in services.iter().enumerate() {
+            for (set_i, set) in s.sets.iter().enumerate() {
+                for (ei, e) in set.endpoints.iter().enumerate() {
+                    let Some(ip) = e.ip() else { continue };
+                    for p in &s.ports {
+                        let port = e.port.unwrap_or(p.target_port);
+                        if let Some(other) = owners.get(&(ip, port))
+                            && *other != si
+                        {
+                            let path = if self.services[si].backend_sets.is_empty() {
+                                format!("services[{si}].endpoints[{ei}].address")
+                            } else {
+                                format!(
+                                    "services[{si}].backend_sets[{set_i}].endpoints[{ei}].address"
+                                )
+                            };
+                            bad(
+                                path,
+                                &format!(
+                                    "{ip}:{port} is a service address of services[{other}]; endpoints must be workload addresses"
+                                ),
+                            );
+                        }
                     }
                 }
             }
         }
+        v.append(&mut v_policy);
+        let dns = dns::validate_dns(&self.dns, &services, &mut v);
+        let mesh = self.validate_mesh(&mut v);
 
+        if !v.is_empty() {
+            return Err(v);
+        }
+        let (workloads, nodes, tls, hbone, authorization) = mesh;
+        Ok(Config {
+            locality: Locality {
+                node: Some(node_name.clone()),
+                zone: self.node.zone.clone(),
+                region: self.node.region.clone(),
+            },
+            node_name,
+            listeners,
+            capture: Capture {
+                enabled: c.enabled,
+                cgroups: c.cgroups.clone(),
+                redirect_ipv4,
+                redirect_ipv6,
+                bypass_mark: c.bypass_mark,
+                ebpf_log: c.ebpf_log,
+            },
+            proxy: Proxy {
+                connect_timeout,
+                drain_deadline,
+            },
+            services,
+            dns,
+            workloads,
+            nodes,
+            tls,
+            hbone,
+            authorization,
+        })
+    }
+
+    /// Workloads, nodes, TLS, HBONE and authorization.
+    #[allow(clippy::type_complexity)]
+    fn validate_mesh(
+        &self,
+        v: &mut Vec<Violation>,
+    ) -> (
+        Vec<Workload>,
+        BTreeMap<String, SocketAddr>,
+        Tls,
+        Hbone,
+        Authorization,
+    ) {
+        let mut bad = |field: String, reason: &str| {
+            v.push(Violation {
+                field,
+                reason: reason.to_owned(),
+            })
+        };
         let mut workloads = Vec::with_capacity(self.workloads.len());
         for (wi, w) in self.workloads.iter().enumerate() {
             let at = format!("workloads[{wi}]");
@@ -987,43 +1249,24 @@ impl RawConfig {
                 ports: r.ports.clone(),
             });
         }
-
-        if !v.is_empty() {
-            return Err(v);
-        }
-        Ok(Config {
-            node_name,
-            listeners,
-            capture: Capture {
-                enabled: c.enabled,
-                cgroups: c.cgroups.clone(),
-                redirect_ipv4,
-                redirect_ipv6,
-                bypass_mark: c.bypass_mark,
-                ebpf_log: c.ebpf_log,
-            },
-            proxy: Proxy {
-                connect_timeout,
-                drain_deadline,
-            },
-            services,
+        (
             workloads,
             nodes,
-            tls: Tls {
+            Tls {
                 trust_domain,
                 ca,
                 trust_bundle: t.trust_bundle.clone(),
                 leaf_lifetime,
             },
-            hbone: Hbone {
+            Hbone {
                 max_streams_per_connection: max_streams,
                 pooling: self.hbone.pooling.unwrap_or(true),
             },
-            authorization: Authorization {
+            Authorization {
                 mode: self.authorization.mode,
                 rules,
             },
-        })
+        )
     }
 }
 

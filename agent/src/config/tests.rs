@@ -10,18 +10,19 @@ const EXAMPLE: &str = include_str!("../../../deploy/examples/ferry.yaml");
 /// Capture off, so a test can look at one rule without the capture ones.
 const NO_CAPTURE: &str = "capture: { enabled: false }\n";
 
-fn ip(s: &str) -> IpAddr {
-    s.parse().expect("test address")
-}
-
-fn ep(address: &str, weight: u32) -> Endpoint {
+fn ep(addr: &str, weight: u32) -> Endpoint {
     Endpoint {
-        address: ip(address),
+        target: EndpointTarget::Ip(ip(addr)),
+        port: None,
         weight,
-        node: None,
+        locality: Locality::default(),
         namespace: "default".into(),
         service_account: "default".into(),
     }
+}
+
+fn ip(s: &str) -> IpAddr {
+    s.parse().expect("test address")
 }
 
 fn ok(text: &str) -> Config {
@@ -71,6 +72,11 @@ fn example_file_parses_with_documented_values() {
     let c = ok(EXAMPLE);
     let expected = Config {
         node_name: "node-a".into(),
+        locality: Locality {
+            node: Some("node-a".into()),
+            zone: None,
+            region: None,
+        },
         listeners: Listeners {
             outbound: "[::]:15001".parse().unwrap(),
             metrics: "0.0.0.0:15020".parse().unwrap(),
@@ -86,7 +92,7 @@ fn example_file_parses_with_documented_values() {
             ebpf_log: false,
         },
         proxy: Proxy {
-            connect_timeout: Duration::from_secs(5),
+            connect_timeout: Duration::from_secs(1),
             drain_deadline: Duration::from_secs(30),
         },
         services: vec![
@@ -98,11 +104,16 @@ fn example_file_parses_with_documented_values() {
                     port: 80,
                     target_port: 8080,
                 }],
-                endpoints: vec![
-                    ep("10.77.1.11", 60),
-                    ep("10.77.1.12", 30),
-                    ep("10.77.1.13", 10),
-                ],
+                sets: vec![BackendSet {
+                    name: "default".into(),
+                    weight: 1,
+                    endpoints: vec![
+                        ep("10.77.1.11", 60),
+                        ep("10.77.1.12", 30),
+                        ep("10.77.1.13", 10),
+                    ],
+                }],
+                policy: c.services[0].policy.clone(),
             },
             Service {
                 name: "reviews".into(),
@@ -112,15 +123,26 @@ fn example_file_parses_with_documented_values() {
                     port: 9080,
                     target_port: 9080,
                 }],
-                endpoints: vec![Endpoint {
-                    address: ip("10.77.2.11"),
+                sets: vec![BackendSet {
+                    name: "default".into(),
                     weight: 1,
-                    node: Some("node-b".into()),
-                    namespace: "shop".into(),
-                    service_account: "reviews".into(),
+                    endpoints: vec![Endpoint {
+                        target: EndpointTarget::Ip(ip("10.77.2.11")),
+                        port: None,
+                        weight: 1,
+                        locality: Locality {
+                            node: Some("node-b".into()),
+                            zone: None,
+                            region: None,
+                        },
+                        namespace: "shop".into(),
+                        service_account: "reviews".into(),
+                    }],
                 }],
+                policy: c.services[1].policy.clone(),
             },
         ],
+        dns: crate::config::Dns::default(),
         workloads: vec![Workload {
             address: ip("10.77.1.10"),
             namespace: "default".into(),
@@ -199,7 +221,7 @@ fn defaults() {
     assert!(!c.capture.ebpf_log);
     assert!(c.capture.cgroups.is_empty());
     assert_eq!(c.proxy.drain_deadline, Duration::from_secs(30));
-    assert_eq!(c.proxy.connect_timeout, Duration::from_secs(5));
+    assert_eq!(c.proxy.connect_timeout, Duration::from_secs(1));
     // Without node.name, the host name (never empty).
     assert!(!c.node_name.is_empty());
     assert_eq!(c.node_name, hostname());
@@ -215,15 +237,11 @@ fn defaults() {
         }]
     );
     assert_eq!(
-        s.endpoints,
-        vec![Endpoint {
-            address: ip("10.1.0.7"),
-            weight: 1,
-            node: None,
-            namespace: "default".into(),
-            service_account: "default".into(),
-        }]
+        s.endpoints().cloned().collect::<Vec<_>>(),
+        vec![ep("10.1.0.7", 1)]
     );
+    assert_eq!(s.sets.len(), 1);
+    assert_eq!(s.sets[0].name, "default");
 }
 
 #[test]
@@ -262,7 +280,7 @@ services:
     assert_eq!(c.proxy.drain_deadline, Duration::from_secs(90));
     assert_eq!(c.services[0].key(), "shop/web");
     assert_eq!(c.services[0].ports[0].target_port, 8080);
-    assert_eq!(c.services[0].endpoints[0].weight, 1_000_000);
+    assert_eq!(c.services[0].sets[0].endpoints[0].weight, 1_000_000);
 }
 
 #[test]
@@ -329,7 +347,8 @@ fn parse_error_names_the_field_once() {
     assert_eq!(
         e.to_string(),
         "test.yaml: services[0].endpoint: unknown field `endpoint`, expected one of \
-         `name`, `namespace`, `addresses`, `ports`, `endpoints` at line 4 column 5"
+         `name`, `namespace`, `addresses`, `ports`, `endpoints`, `backend_sets`, `balancing`, \
+         `failover`, `outlier_detection`, `health_check` at line 4 column 5"
     );
     let e = parse("proxy: { connect_timeout: 5 }\n", "test.yaml").unwrap_err();
     assert_eq!(
@@ -991,15 +1010,19 @@ services:
     assert_eq!(c.authorization.rules[0].action, RuleAction::Deny);
     assert_eq!(c.authorization.rules[0].ports, [22]);
     assert_eq!(c.authorization.rules[1].namespaces, ["shop"]);
-    let eps = &c.services[0].endpoints;
-    assert_eq!(eps[0].node.as_deref(), Some("node-b"));
+    let eps: Vec<&Endpoint> = c.services[0].endpoints().collect();
+    assert_eq!(eps[0].locality.node.as_deref(), Some("node-b"));
     assert_eq!(
         (eps[0].namespace.as_str(), eps[0].service_account.as_str()),
         ("shop", "web")
     );
-    // This node's own pods and non-mesh addresses are reached directly.
-    assert_eq!(eps[1].node, None);
-    assert_eq!(eps[2].node, None);
+    // Defaults: the service's namespace, service account "default".
+    assert_eq!(
+        (eps[1].namespace.as_str(), eps[1].service_account.as_str()),
+        ("default", "default")
+    );
+    assert_eq!(eps[1].locality.node.as_deref(), Some("node-a"));
+    assert_eq!(eps[2].locality.node, None);
 }
 
 #[test]
@@ -1030,9 +1053,9 @@ services:
         violations(&text),
         [
             "listeners.inbound: 0.0.0.0:15020 collides with listeners.metrics (0.0.0.0:15020)",
-            "services[0].endpoints[0].node: \"node-z\" is not in nodes (where is its HBONE listener?)",
             "services[0].endpoints[0].namespace: must be a DNS label",
             "services[0].endpoints[0].service_account: must be a DNS label",
+            "services[0].endpoints[0].node: \"node-z\" is not in nodes: a mesh endpoint on another node needs that node's HBONE address",
             "workloads[0].address: must be a unicast address",
             "workloads[0].namespace: must be a DNS label",
             "workloads[1].address: is an IPv4-mapped IPv6 address: write it as 10.0.0.1",
@@ -1054,6 +1077,22 @@ services:
 }
 
 #[test]
+fn endpoint_on_an_unlisted_node_without_identity_is_locality_only() {
+    // Without an identity, `node` is locality (reached directly): no error.
+    let c = ok(&services(
+        "  - name: web
+    addresses: [10.96.0.20]
+    ports: [{ port: 80 }]
+    endpoints: [{ address: 10.1.0.7, node: node-z }]
+",
+    ));
+    assert_eq!(
+        c.services[0].sets[0].endpoints[0].locality.node.as_deref(),
+        Some("node-z")
+    );
+}
+
+#[test]
 fn mesh_parse_errors_name_their_field() {
     let (field, message) = parse_error("authorization: { mode: strict }\n");
     assert_eq!(field, "authorization.mode");
@@ -1063,7 +1102,4 @@ fn mesh_parse_errors_name_their_field() {
     assert!(message.contains("unknown variant"), "{message}");
     let (field, _) = parse_error("tls: { ca_cert: x }\n");
     assert_eq!(field, "tls.ca_cert");
-    let (field, _) =
-        parse_error("services: [{ name: a, endpoints: [{ address: 10.0.0.1, zone: x }] }]\n");
-    assert_eq!(field, "services[0].endpoints[0].zone");
 }

@@ -77,6 +77,24 @@ pub enum HboneError {
     Strict(String),
 }
 
+impl HboneError {
+    /// The error as the failover policy sees a failed connect: a refused or
+    /// unreachable node keeps its kind; the peer's answers map to the kind
+    /// of the local connect they stand for (503: the pod refused; 403:
+    /// denied by policy).
+    pub fn into_io(self) -> std::io::Error {
+        use std::io::{Error, ErrorKind};
+        let kind = match &self {
+            HboneError::Connect { source, .. } => source.kind(),
+            HboneError::Refused { status: 503, .. } => ErrorKind::ConnectionRefused,
+            HboneError::Refused { status: 403, .. } => ErrorKind::PermissionDenied,
+            HboneError::Timeout { .. } => ErrorKind::TimedOut,
+            _ => ErrorKind::Other,
+        };
+        Error::new(kind, self)
+    }
+}
+
 /// Why an inbound request is not a tunnel request we serve.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum RequestError {

@@ -236,6 +236,18 @@ impl Metrics {
         }
     }
 
+    /// Exports the balancing metrics.
+    pub fn register_balance(&self, m: &Arc<crate::balance::BalanceMetrics>) {
+        let mut r = self.registry.write().unwrap_or_else(|e| e.into_inner());
+        m.register(&mut r);
+    }
+
+    /// Exports the DNS (hostname endpoint) metrics.
+    pub fn register_dns(&self, m: &crate::balance::dns::DnsMetrics) {
+        let mut r = self.registry.write().unwrap_or_else(|e| e.into_inner());
+        m.register(&mut r);
+    }
+
     /// Exports the eBPF programs' counters.
     pub fn register_ebpf(&self, source: Arc<dyn EbpfCounterSource>) {
         let mut r = self.registry.write().unwrap_or_else(|e| e.into_inner());

@@ -5,13 +5,14 @@ pub mod relay;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use tokio::net::{TcpListener, TcpSocket, TcpStream};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{Instrument, debug, info, info_span, warn};
 
+use crate::balance::{BalanceMetrics, ConnectFailure, ServiceLabel};
 use crate::capture::Capture;
 use crate::metrics::{BytesLabels, ErrorLabels, ProxyMetrics, ServiceLabels};
 use crate::state::State;
@@ -44,9 +45,8 @@ pub enum Failure {
     /// The endpoint is on another node and the client pod has no workload
     /// identity (Ferry never tunnels under a node-wide identity).
     NoSourceIdentity,
-    /// The endpoint's node has no HBONE address, or no tunnel is configured.
-    UnknownNode,
-    /// The tunnel to the endpoint's node failed or the peer refused the stream.
+    /// The tunnel to the endpoint's node failed or the peer refused the
+    /// stream (on the last attempt).
     TunnelFailed,
 }
 
@@ -59,7 +59,6 @@ impl Failure {
             Failure::ConnectFailed => "connect_failed",
             Failure::LookupError => "lookup_error",
             Failure::NoSourceIdentity => "no_source_identity",
-            Failure::UnknownNode => "unknown_node",
             Failure::TunnelFailed => "tunnel_failed",
         }
     }
@@ -98,10 +97,24 @@ pub struct Proxy {
     pub destinations: Destinations,
     /// `SO_MARK` for upstream sockets (0: none).
     pub bypass_mark: u32,
-    pub connect_timeout: Duration,
-    /// The HBONE client, for endpoints on other nodes (`None`: such
-    /// endpoints fail with `unknown_node`).
+    pub balance_metrics: Arc<BalanceMetrics>,
+    /// The HBONE client, for endpoints on other mesh nodes (`None`: such
+    /// endpoints cannot be reached and count as failed attempts).
     pub tunnel: Option<Arc<crate::hbone::pool::Pool>>,
+}
+
+/// Where a connection goes once an endpoint is picked.
+enum Upstream {
+    Direct(TcpStream),
+    Tunnel(Box<crate::hbone::stream::TunnelStream>),
+}
+
+/// Why one connect attempt failed.
+enum AttemptError {
+    /// A direct or tunnel failure, as an I/O error for the failover policy.
+    Io { error: std::io::Error, tunnel: bool },
+    /// The client has no identity to tunnel with: no endpoint will do.
+    NoIdentity,
 }
 
 /// Binds the outbound listener. A `[::]` address is made dual-stack.
@@ -158,15 +171,7 @@ impl Proxy {
             );
             let this = self.clone();
             let kill = kill.clone();
-            tracker.spawn(
-                async move {
-                    tokio::select! {
-                        _ = this.handle(stream, peer) => {}
-                        _ = kill.cancelled() => debug!("closed at drain deadline"),
-                    }
-                }
-                .instrument(span),
-            );
+            tracker.spawn(async move { this.handle(stream, peer, &kill).await }.instrument(span));
         }
         debug!("outbound listener closed");
     }
@@ -178,7 +183,9 @@ impl Proxy {
             .inc();
     }
 
-    async fn handle(&self, client: TcpStream, peer: SocketAddr) {
+    /// Serves one connection; when `kill` fires (the drain deadline) it is
+    /// reset on both sides.
+    async fn handle(&self, client: TcpStream, peer: SocketAddr, kill: &CancellationToken) {
         let span = tracing::Span::current();
         let local = match client.local_addr() {
             Ok(a) => a,
@@ -222,55 +229,95 @@ impl Proxy {
             self.metrics.closed.get_or_create(&labels).inc();
         });
 
-        let Some(ep) = svc.pick() else {
-            warn!("service has no endpoints; closing");
+        let balancer = &target.port.balancer;
+        let Some(set) = balancer.choose_set() else {
+            warn!("service has no backend sets; closing");
             self.fail(Failure::NoEndpoints);
             relay::reset(&client);
             return;
         };
-        let ep_addr = SocketAddr::new(ep.address, target.target_port);
-        span.record("endpoint", tracing::field::display(ep_addr));
-        let upstream = match &ep.node {
-            None => match self.connect(ep_addr).await {
-                Ok(s) => Upstream::Direct(s),
-                Err(e) => {
-                    warn!(error = %e, "connect to endpoint failed");
-                    self.fail(Failure::ConnectFailed);
+        // Connect failover: each attempt to a different endpoint, within the
+        // per-attempt timeout and the overall budget, before any byte is
+        // read from the client.
+        let fo = balancer.policy.failover;
+        let deadline = Instant::now() + fo.budget;
+        let mut tried: Vec<SocketAddr> = Vec::new();
+        let mut connected = None;
+        let mut last_was_tunnel = false;
+        for attempt in 0..fo.max_connect_attempts {
+            let Some(member) = set.pick(&tried) else {
+                break;
+            };
+            let addr = member.stats.addr;
+            tried.push(addr);
+            let now = Instant::now();
+            if now >= deadline {
+                break;
+            }
+            if attempt > 0 {
+                self.balance_metrics
+                    .retries
+                    .get_or_create(&ServiceLabel {
+                        service: svc.key.clone(),
+                    })
+                    .inc();
+            }
+            member.stats.on_attempt();
+            let timeout = fo.connect_timeout.min(deadline - now);
+            let result = tokio::select! {
+                r = self.connect_upstream(addr, timeout, &snapshot, peer) => r,
+                () = kill.cancelled() => {
+                    debug!("reset at drain deadline while connecting");
                     relay::reset(&client);
                     return;
                 }
-            },
-            Some(node) => {
-                let (Some(pool), Some(node_addr)) = (&self.tunnel, snapshot.node(node)) else {
-                    warn!(node = %node, "endpoint's node has no tunnel address; closing");
-                    self.fail(Failure::UnknownNode);
-                    relay::reset(&client);
-                    return;
-                };
-                let Some(source) = snapshot.workload(peer.ip()) else {
+            };
+            match result {
+                Ok(stream) => {
+                    set.report_success(&member, now.elapsed());
+                    connected = Some((stream, member));
+                    break;
+                }
+                Err(AttemptError::NoIdentity) => {
                     warn!(
-                        "client is not a known workload, so it has no identity to tunnel with; closing"
+                        endpoint = %addr,
+                        "endpoint is on another node and the client is not a known workload (no identity to tunnel with); resetting"
                     );
                     self.fail(Failure::NoSourceIdentity);
                     relay::reset(&client);
                     return;
-                };
-                let Some(peer_id) = snapshot.endpoint_identity(ep) else {
-                    self.fail(Failure::UnknownNode);
-                    relay::reset(&client);
-                    return;
-                };
-                match pool.connect(source, node_addr, &peer_id, ep_addr).await {
-                    Ok(t) => Upstream::Tunnel(Box::new(t)),
-                    Err(e) => {
-                        warn!(error = %e, node = %node, src = %source, "tunnel to endpoint failed");
-                        self.fail(Failure::TunnelFailed);
-                        relay::reset(&client);
-                        return;
-                    }
+                }
+                Err(AttemptError::Io { error: e, tunnel }) => {
+                    last_was_tunnel = tunnel;
+                    let why = ConnectFailure::classify(&e);
+                    warn!(attempt = attempt + 1, endpoint = %addr, reason = why.reason(), tunnel, error = %e, "connect failed");
+                    set.report_failure(&member, why);
                 }
             }
+        }
+        let Some((upstream, member)) = connected else {
+            warn!(
+                attempts = tried.len(),
+                "no endpoint could be connected; resetting the client"
+            );
+            self.balance_metrics
+                .exhausted
+                .get_or_create(&ServiceLabel {
+                    service: svc.key.clone(),
+                })
+                .inc();
+            self.fail(if tried.is_empty() {
+                Failure::NoEndpoints
+            } else if last_was_tunnel {
+                Failure::TunnelFailed
+            } else {
+                Failure::ConnectFailed
+            });
+            relay::reset(&client);
+            return;
         };
+        span.record("endpoint", tracing::field::display(member.stats.addr));
+        let _active = member.stats.begin();
         // One statement per family access: prometheus-client hands out a read
         // guard that lives until the end of the statement, and a second
         // get_or_create in the same statement would wait on it forever.
@@ -292,8 +339,8 @@ impl Proxy {
             .clone();
         let observe = ByteCounters { up, down };
         let out = match upstream {
-            Upstream::Direct(s) => relay::relay(client, s, &observe).await,
-            Upstream::Tunnel(t) => relay::relay(client, *t, &observe).await,
+            Upstream::Direct(s) => relay::relay_until(client, s, &observe, kill.cancelled()).await,
+            Upstream::Tunnel(t) => relay::relay_until(client, *t, &observe, kill.cancelled()).await,
         };
         info!(
             upstream_bytes = out.upstream_bytes,
@@ -304,9 +351,62 @@ impl Proxy {
         );
     }
 
+    /// Connects to an endpoint: directly, or through the tunnel when it is
+    /// a pod on another mesh node (under the identity of the client pod,
+    /// found by its address `peer`).
+    async fn connect_upstream(
+        &self,
+        addr: SocketAddr,
+        timeout: Duration,
+        snapshot: &crate::state::Snapshot,
+        peer: SocketAddr,
+    ) -> Result<Upstream, AttemptError> {
+        let Some(route) = snapshot.route(addr.ip()) else {
+            return self
+                .connect(addr, timeout)
+                .await
+                .map(Upstream::Direct)
+                .map_err(|error| AttemptError::Io {
+                    error,
+                    tunnel: false,
+                });
+        };
+        let tunnel_err = |error| AttemptError::Io {
+            error,
+            tunnel: true,
+        };
+        let Some(pool) = &self.tunnel else {
+            return Err(tunnel_err(std::io::Error::other(
+                "endpoint is on another node and no tunnel is configured",
+            )));
+        };
+        let Some(source) = snapshot.workload(peer.ip()) else {
+            return Err(AttemptError::NoIdentity);
+        };
+        match tokio::time::timeout(
+            timeout,
+            pool.connect(source, route.node_addr, &route.identity, addr),
+        )
+        .await
+        {
+            Ok(Ok(t)) => Ok(Upstream::Tunnel(Box::new(t))),
+            Ok(Err(e)) => {
+                debug!(node = %route.node, src = %source, error = %e, "tunnel attempt failed");
+                Err(tunnel_err(e.into_io()))
+            }
+            Err(_) => Err(tunnel_err(std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                format!(
+                    "tunnel to node {} gave no answer within {timeout:?}",
+                    route.node
+                ),
+            ))),
+        }
+    }
+
     /// Connects to an endpoint with Ferry's bypass mark, so capture never
     /// redirects Ferry's own connections.
-    pub async fn connect(&self, addr: SocketAddr) -> std::io::Result<TcpStream> {
+    pub async fn connect(&self, addr: SocketAddr, timeout: Duration) -> std::io::Result<TcpStream> {
         let sock = if addr.is_ipv4() {
             TcpSocket::new_v4()?
         } else {
@@ -316,19 +416,14 @@ impl Proxy {
             socket2::SockRef::from(&sock).set_mark(self.bypass_mark)?;
         }
         sock.set_nodelay(true)?;
-        match tokio::time::timeout(self.connect_timeout, sock.connect(addr)).await {
+        match tokio::time::timeout(timeout, sock.connect(addr)).await {
             Ok(r) => r,
             Err(_) => Err(std::io::Error::new(
                 std::io::ErrorKind::TimedOut,
-                format!("no answer within {:?}", self.connect_timeout),
+                format!("no answer within {timeout:?}"),
             )),
         }
     }
-}
-
-enum Upstream {
-    Direct(TcpStream),
-    Tunnel(Box<crate::hbone::stream::TunnelStream>),
 }
 
 struct ByteCounters {

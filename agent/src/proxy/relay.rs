@@ -6,7 +6,10 @@
 //!   (a client that half-closes still receives the whole response);
 //! * a reset stays a reset: when one side resets (or a write to it fails),
 //!   Ferry aborts the other side with RST (`SO_LINGER` 0), so an endpoint
-//!   crash is never reported to the client as a clean end of stream.
+//!   crash is never reported to the client as a clean end of stream;
+//! * a connection Ferry gives up on (the drain deadline) is reset on both
+//!   sides: a FIN would tell each side that the other finished, and a
+//!   truncated request or response would pass for a complete one.
 //!
 //! Either side may be a TCP socket or anything else that implements
 //! [`Peer`]: the HBONE tunnel's HTTP/2 stream maps a FIN to END_STREAM and a
@@ -59,6 +62,8 @@ pub enum Ending {
     ClientReset,
     /// The endpoint reset or failed; the client was reset.
     EndpointReset,
+    /// Ferry stopped the relay (the drain deadline); both sides were reset.
+    Aborted,
 }
 
 /// What a relay moved and how it ended.
@@ -120,10 +125,17 @@ pub fn reset(stream: &TcpStream) {
 
 /// Relays until both directions are finished or one side resets; consumes
 /// both streams (they are closed, or reset, on return).
-pub async fn relay<C: Peer, E: Peer>(
+pub async fn relay<C: Peer, E: Peer>(client: C, endpoint: E, observe: &dyn Observe) -> Outcome {
+    relay_until(client, endpoint, observe, std::future::pending()).await
+}
+
+/// [`relay`], but when `abort` completes first, both sides are reset and the
+/// relay ends with [`Ending::Aborted`].
+pub async fn relay_until<C: Peer, E: Peer>(
     mut client: C,
     mut endpoint: E,
     observe: &dyn Observe,
+    abort: impl std::future::Future<Output = ()>,
 ) -> Outcome {
     let mut up = 0u64;
     let mut down = 0u64;
@@ -135,7 +147,7 @@ pub async fn relay<C: Peer, E: Peer>(
         let on_down = |n| observe.downstream(n);
         let upstream = pump(&mut cr, &mut ew, &mut up, &on_up);
         let downstream = pump(&mut er, &mut cw, &mut down, &on_down);
-        tokio::pin!(upstream, downstream);
+        tokio::pin!(upstream, downstream, abort);
         let mut up_done = false;
         let mut down_done = false;
         loop {
@@ -151,6 +163,7 @@ pub async fn relay<C: Peer, E: Peer>(
                     Err(PumpError::Read(e)) => { error = Some(e.kind()); break Ending::EndpointReset }
                     Err(PumpError::Write(e)) => { error = Some(e.kind()); break Ending::ClientReset }
                 },
+                () = &mut abort => break Ending::Aborted,
             }
             if up_done && down_done {
                 break Ending::Clean;
@@ -161,6 +174,10 @@ pub async fn relay<C: Peer, E: Peer>(
         Ending::Clean => {}
         Ending::ClientReset => endpoint.abort(),
         Ending::EndpointReset => client.abort(),
+        Ending::Aborted => {
+            client.abort();
+            endpoint.abort();
+        }
     }
     Outcome {
         upstream_bytes: up,

@@ -5,15 +5,24 @@
 //! it started with and a bad reload never replaces the last good one (it is
 //! rejected before a snapshot is built).
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{HashMap, HashSet};
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 
 use arc_swap::ArcSwap;
+use tokio_util::sync::CancellationToken;
 
-use crate::balance::SmoothWeighted;
-use crate::config::{Authorization, Config, Endpoint, Service};
+use crate::balance::{HostnameEndpoint, Registry, ServiceBalancer, SetBalancer};
+use crate::config::{Authorization, Config, EndpointTarget, Service};
 use crate::tls::Identity;
+
+/// One service port's balancing.
+#[derive(Debug)]
+pub struct PortState {
+    pub port: u16,
+    pub target_port: u16,
+    pub balancer: ServiceBalancer,
+}
 
 /// One service as the proxy sees it.
 #[derive(Debug)]
@@ -23,59 +32,125 @@ pub struct ServiceState {
     /// `namespace/name`.
     pub key: String,
     pub service: Service,
-    picker: SmoothWeighted,
-}
-
-impl ServiceState {
-    /// The next endpoint by weight, or `None` when the service has none.
-    pub fn pick(&self) -> Option<&Endpoint> {
-        self.picker.pick().map(|i| &self.service.endpoints[i])
-    }
+    pub ports: Vec<PortState>,
 }
 
 /// What a captured destination resolves to.
 #[derive(Debug, Clone, Copy)]
 pub struct Target<'a> {
     pub service: &'a ServiceState,
-    /// The port endpoints listen on for this service port.
-    pub target_port: u16,
+    pub port: &'a PortState,
 }
 
-/// An immutable view of the configured services.
+/// An immutable view of the configured services. Background work tied to
+/// it (health checks) stops when it is dropped.
 #[derive(Debug)]
 pub struct Snapshot {
     services: Vec<ServiceState>,
-    by_vip: HashMap<(IpAddr, u16), (usize, u16)>,
+    by_vip: HashMap<(IpAddr, u16), (usize, usize)>,
+    stop: CancellationToken,
     trust_domain: String,
     /// This node's pods, by address, with their identities.
     workloads: HashMap<IpAddr, Identity>,
-    /// Other nodes' HBONE addresses.
-    nodes: BTreeMap<String, SocketAddr>,
+    /// Endpoints on other mesh nodes, by address: reached through the tunnel.
+    routes: HashMap<IpAddr, Route>,
     authorization: Authorization,
 }
 
+/// How to reach a pod on another mesh node.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Route {
+    /// The node's name.
+    pub node: String,
+    /// The node's HBONE listener.
+    pub node_addr: SocketAddr,
+    /// The identity the pod must present.
+    pub identity: Identity,
+}
+
+impl Drop for Snapshot {
+    fn drop(&mut self) {
+        self.stop.cancel();
+    }
+}
+
 impl Snapshot {
+    /// Builds a snapshot with fresh endpoint state (tests, tools).
     pub fn new(config: &Config) -> Snapshot {
+        Snapshot::build(config, &Arc::new(Registry::default()))
+    }
+
+    /// Builds a snapshot, reusing the state of endpoints `registry` already
+    /// knows and forgetting those no longer configured.
+    pub fn build(config: &Config, registry: &Arc<Registry>) -> Snapshot {
         let mut by_vip = HashMap::new();
+        let mut live = HashSet::new();
         let services = config
             .services
             .iter()
             .enumerate()
             .map(|(i, s)| {
-                for a in &s.addresses {
-                    for p in &s.ports {
-                        by_vip.insert((*a, p.port), (i, p.target_port));
-                    }
-                }
-                let weights: Vec<u32> = s.endpoints.iter().map(|e| e.weight).collect();
+                let key = s.key();
+                let ports = s
+                    .ports
+                    .iter()
+                    .enumerate()
+                    .map(|(pi, p)| {
+                        for a in &s.addresses {
+                            by_vip.insert((*a, p.port), (i, pi));
+                        }
+                        let sets = s
+                            .sets
+                            .iter()
+                            .map(|set| {
+                                let mut statics = Vec::new();
+                                let mut hostnames = Vec::new();
+                                for e in &set.endpoints {
+                                    let port = e.port.unwrap_or(p.target_port);
+                                    match &e.target {
+                                        EndpointTarget::Ip(ip) => {
+                                            let addr = SocketAddr::new(*ip, port);
+                                            live.insert((key.clone(), addr));
+                                            statics.push((addr, e.weight, e.locality.clone()));
+                                        }
+                                        EndpointTarget::Hostname(h) => {
+                                            hostnames.push(HostnameEndpoint {
+                                                hostname: h.clone(),
+                                                port,
+                                                weight: e.weight,
+                                                locality: e.locality.clone(),
+                                            })
+                                        }
+                                    }
+                                }
+                                Arc::new(SetBalancer::new(
+                                    &key,
+                                    &set.name,
+                                    set.weight,
+                                    &config.locality,
+                                    &s.policy,
+                                    registry.clone(),
+                                    statics,
+                                    hostnames,
+                                ))
+                            })
+                            .collect();
+                        PortState {
+                            port: p.port,
+                            target_port: p.target_port,
+                            balancer: ServiceBalancer::new(&key, &s.policy, sets),
+                        }
+                    })
+                    .collect();
                 ServiceState {
                     id: i as u32,
-                    key: s.key(),
+                    key,
                     service: s.clone(),
-                    picker: SmoothWeighted::new(&weights),
+                    ports,
                 }
             })
             .collect();
+        registry.retain_static(&live);
         let trust_domain = config.tls.trust_domain.clone();
         let workloads = config
             .workloads
@@ -86,14 +161,55 @@ impl Snapshot {
                     .map(|id| (w.address, id))
             })
             .collect();
+        // An endpoint is tunnelled when its node is another node whose HBONE
+        // address we know; endpoints on unknown nodes are reached directly.
+        let mut routes = HashMap::new();
+        for s in &config.services {
+            for set in &s.sets {
+                for e in &set.endpoints {
+                    let (EndpointTarget::Ip(ip), Some(node)) = (&e.target, &e.locality.node) else {
+                        continue;
+                    };
+                    if *node == config.node_name {
+                        continue;
+                    }
+                    let (Some(node_addr), Ok(identity)) = (
+                        config.nodes.get(node),
+                        Identity::new(&trust_domain, &e.namespace, &e.service_account),
+                    ) else {
+                        continue;
+                    };
+                    routes.entry(*ip).or_insert(Route {
+                        node: node.clone(),
+                        node_addr: *node_addr,
+                        identity,
+                    });
+                }
+            }
+        }
         Snapshot {
             services,
             by_vip,
+            stop: CancellationToken::new(),
             trust_domain,
             workloads,
-            nodes: config.nodes.clone(),
+            routes,
             authorization: config.authorization.clone(),
         }
+    }
+
+    /// The service behind a service address and port, if any. IPv4-mapped
+    /// IPv6 addresses match their IPv4 form.
+    pub fn lookup(&self, dst: SocketAddr) -> Option<Target<'_>> {
+        let ip = canonical_ip(dst.ip());
+        self.by_vip.get(&(ip, dst.port())).map(|(i, pi)| Target {
+            service: &self.services[*i],
+            port: &self.services[*i].ports[*pi],
+        })
+    }
+
+    pub fn services(&self) -> &[ServiceState] {
+        &self.services
     }
 
     /// The identity of the local pod at `ip` (IPv4-mapped forms match).
@@ -114,14 +230,9 @@ impl Snapshot {
         self.workloads.keys().copied()
     }
 
-    /// The HBONE address of another node.
-    pub fn node(&self, name: &str) -> Option<SocketAddr> {
-        self.nodes.get(name).copied()
-    }
-
-    /// The identity an endpoint must present.
-    pub fn endpoint_identity(&self, ep: &Endpoint) -> Option<Identity> {
-        Identity::new(&self.trust_domain, &ep.namespace, &ep.service_account).ok()
+    /// The tunnel route to an endpoint on another mesh node, if it is one.
+    pub fn route(&self, ip: IpAddr) -> Option<&Route> {
+        self.routes.get(&canonical_ip(ip))
     }
 
     pub fn authorization(&self) -> &Authorization {
@@ -132,20 +243,17 @@ impl Snapshot {
         &self.trust_domain
     }
 
-    /// The service behind a service address and port, if any. IPv4-mapped
-    /// IPv6 addresses match their IPv4 form.
-    pub fn lookup(&self, dst: SocketAddr) -> Option<Target<'_>> {
-        let ip = canonical_ip(dst.ip());
-        self.by_vip
-            .get(&(ip, dst.port()))
-            .map(|(i, target_port)| Target {
-                service: &self.services[*i],
-                target_port: *target_port,
-            })
+    /// Every backend set of every service port.
+    pub fn sets(&self) -> impl Iterator<Item = &Arc<SetBalancer>> + '_ {
+        self.services
+            .iter()
+            .flat_map(|s| s.ports.iter())
+            .flat_map(|p| p.balancer.sets.iter())
     }
 
-    pub fn services(&self) -> &[ServiceState] {
-        &self.services
+    /// Cancelled when this snapshot is dropped (replaced and unused).
+    pub fn stop_token(&self) -> CancellationToken {
+        self.stop.clone()
     }
 
     /// Every (service address, port) with its service id: what capture matches.
@@ -213,10 +321,50 @@ services:
         for dst in ["10.96.0.20:80", "[fd96::20]:80", "[::ffff:10.96.0.20]:80"] {
             let t = snap.lookup(dst.parse().unwrap()).expect(dst);
             assert_eq!(t.service.key, "default/web");
-            assert_eq!(t.target_port, 8080);
+            assert_eq!(t.port.target_port, 8080);
         }
         assert!(snap.lookup("10.96.0.20:81".parse().unwrap()).is_none());
         assert!(snap.lookup("10.96.0.21:80".parse().unwrap()).is_none());
         assert_eq!(snap.service_addresses().count(), 2);
+    }
+
+    #[test]
+    fn routes_only_to_known_other_nodes_and_workloads_by_address() {
+        let cfg = crate::config::parse(
+            r#"
+node: { name: node-a }
+capture: { enabled: false }
+workloads: [{ address: 10.77.1.10, namespace: shop, service_account: client }]
+nodes: { node-b: 10.77.0.2 }
+services:
+  - name: web
+    namespace: shop
+    addresses: [10.96.0.20]
+    ports: [{ port: 80 }]
+    endpoints:
+      - { address: 10.77.2.11, node: node-b, service_account: web }
+      - { address: 10.77.1.11, node: node-a }
+      - { address: 10.77.3.11, node: node-c }
+      - { address: 192.0.2.1 }
+"#,
+            "test",
+        )
+        .expect("valid");
+        let snap = Snapshot::new(&cfg);
+        let r = snap
+            .route("10.77.2.11".parse().unwrap())
+            .expect("tunnelled");
+        assert_eq!(r.node, "node-b");
+        assert_eq!(r.node_addr, "10.77.0.2:15008".parse().unwrap());
+        assert_eq!(r.identity.uri(), "spiffe://cluster.local/ns/shop/sa/web");
+        // This node's pod, a node without a tunnel address (locality only)
+        // and a non-mesh address are reached directly.
+        for direct in ["10.77.1.11", "10.77.3.11", "192.0.2.1"] {
+            assert!(snap.route(direct.parse().unwrap()).is_none(), "{direct}");
+        }
+        let id = snap.workload("::ffff:10.77.1.10".parse().unwrap()).unwrap();
+        assert_eq!(id.uri(), "spiffe://cluster.local/ns/shop/sa/client");
+        assert!(snap.workload("10.77.1.11".parse().unwrap()).is_none());
+        assert_eq!(snap.workload_identities(), vec![id.clone()]);
     }
 }

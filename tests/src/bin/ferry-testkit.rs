@@ -2,37 +2,68 @@
 //! inside the test topology's network namespaces.
 //!
 //! ```text
-//! ferry-testkit serve --id ID --listen ADDR [--mode http|drain-then-reply|reset] [--reply-bytes N]
+//! ferry-testkit serve --id ID --listen ADDR [--mode http|drain-then-reply|reset|report|echo] [--reply-bytes N] [--delay-ms MS] [--exit-after N]
 //! ferry-testkit halfclose-client --connect ADDR --send N
-//! ferry-testkit rr-client --connect ADDR --count N
+//! ferry-testkit rr-client --connect ADDR --count N [--size BYTES] [--new-connection] [--max-seconds S]
+//! ferry-testkit hold-client --connect ADDR --send N --release FILE [--max-wait SECS]
+//! ferry-testkit reset-client --connect ADDR --send N
 //! ferry-testkit stream-client --connect ADDR --seconds S
 //! ferry-testkit connrate-client --connect ADDR --seconds S --concurrency C
 //! ```
 //!
 //! * `http`: answers each request (one per connection) with
-//!   `HTTP/1.1 200`, body `id=ID peer=CLIENT_ADDR\n`, then closes.
+//!   `HTTP/1.1 200`, body `id=ID peer=CLIENT_ADDR\n`, then closes; with
+//!   `--delay-ms` it is a deliberately slow server that answers that late.
+//!   `--exit-after N` (any mode): the process dies right after its Nth
+//!   connection ends.
 //! * `drain-then-reply`: reads until the client's FIN, then sends
 //!   `got=N\n` followed by `--reply-bytes` bytes of a fixed pattern, then FIN.
 //! * `reset`: reads one chunk, then aborts the connection with RST.
-//! * `echo`: echoes every byte until the client's FIN.
-//! * `sink`: reads and discards until the client's FIN, then answers the
-//!   byte count.
-//!
-//! Benchmark clients (each bounded by its count or seconds):
-//! * `rr-client`: N one-byte request/responses on one connection (against
-//!   `echo`); prints `p50_us=.. p99_us=.. count=..`;
-//! * `stream-client`: sends as fast as it can for S seconds (against
-//!   `sink`); prints `bytes=.. seconds=.. mbit_s=..`;
-//! * `connrate-client`: C threads, each opening a new connection per
-//!   one-byte exchange (against `echo`), for S seconds; prints
-//!   `conns=.. per_s=.. failed=..`.
+//! * `echo`: writes back whatever it reads (TCP_NODELAY) until the client's
+//!   FIN, then FIN.
+//! * `sink`: reads and discards until the client's FIN, then answers
+//!   `got=N\n` (the byte count) and FIN.
+//! * `report`: answers the first bytes it receives with `ack\n`, then reads
+//!   until the connection ends and prints (to its log)
+//!   `ended peer=CLIENT_ADDR bytes=N end=eof|reset|error:KIND`.
 //!
 //! `halfclose-client` sends N bytes, shuts down its write side, reads to the
-//! end and prints `received=BYTES pattern_ok=BOOL end=eof|reset|error:KIND`.
+//! end and prints `header=LINE received=BYTES pattern_ok=BOOL end=eof|reset|error:KIND`
+//! (a reset while sending is reported as `end=reset` too).
+//!
+//! `hold-client` connects, sends N bytes and prints `holding`, then keeps the
+//! connection open until FILE exists (at most `--max-wait` seconds, default
+//! 60); then it finishes like `halfclose-client`. If the connection ends
+//! while it is held, it prints
+//! `closed-while-held received=BYTES end=eof|reset|error:KIND`.
+//!
+//! `reset-client` connects, sends N bytes, waits for the server's first line
+//! (`ack` from a `report` server: the whole path is up), then aborts the
+//! connection with RST (`SO_LINGER` 0) and prints `reset sent`.
+//!
+//! `stream-client` sends as fast as it can for S seconds to a `sink` server
+//! and prints `bytes=N seconds=F mbit_s=F` (checked against the sink's count).
+//!
+//! `connrate-client` runs C threads for S seconds, each opening a new
+//! connection per one-byte exchange with an `echo` server, and prints
+//! `conns=N per_s=F failed=N`.
+//!
+//! `rr-client` measures request/response latency against an `echo` server:
+//! each round trip writes `--size` bytes (default 64) and reads as many back.
+//! By default all round trips share one connection (after `min(100, N/10)`
+//! uncounted warm-up round trips); with `--new-connection` each one opens its
+//! own connection (the time includes the connect) and closes it. It stops
+//! after N round trips or `--max-seconds` (default 60), whichever comes
+//! first, and prints one line (`count` is how many were done):
+//!
+//! ```text
+//! rr mode=persistent|new-connection size=64 count=N requested=N elapsed_s=F rate_per_s=F mean_us=F p50_us=F p90_us=F p99_us=F p999_us=F max_us=F
+//! ```
 
 use std::io::{Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
-use std::time::Duration;
+use std::path::Path;
+use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 
@@ -57,9 +88,13 @@ fn main() -> Result<()> {
         Some("serve") => serve(&args),
         Some("halfclose-client") => halfclose_client(&args),
         Some("rr-client") => rr_client(&args),
+        Some("hold-client") => hold_client(&args),
+        Some("reset-client") => reset_client(&args),
         Some("stream-client") => stream_client(&args),
         Some("connrate-client") => connrate_client(&args),
-        _ => bail!("usage: ferry-testkit serve|halfclose-client ... (see the source's header)"),
+        _ => bail!(
+            "usage: ferry-testkit serve|halfclose-client|rr-client|hold-client|reset-client ... (see the source's header)"
+        ),
     }
 }
 
@@ -71,6 +106,14 @@ fn serve(args: &[String]) -> Result<()> {
         .map(|s| s.parse())
         .transpose()?
         .unwrap_or(0);
+    let delay = Duration::from_millis(
+        arg(args, "--delay-ms")
+            .map(|s| s.parse())
+            .transpose()?
+            .unwrap_or(0),
+    );
+    let exit_after: Option<u64> = arg(args, "--exit-after").map(|s| s.parse()).transpose()?;
+    let served = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
     let listener = bind_dual(listen)?;
     println!("listening on {listen} id={id} mode={mode}");
     std::io::stdout().flush()?;
@@ -78,18 +121,34 @@ fn serve(args: &[String]) -> Result<()> {
         let Ok(stream) = conn else { continue };
         let id = id.clone();
         let mode = mode.clone();
+        let served = served.clone();
         std::thread::spawn(move || {
             let _ = stream.set_read_timeout(Some(Duration::from_secs(30)));
             let r = match mode.as_str() {
-                "http" => serve_http(stream, &id),
+                "http" => {
+                    // A deliberately slow server: answer only after `delay`.
+                    if !delay.is_zero() {
+                        std::thread::sleep(delay);
+                    }
+                    serve_http(stream, &id)
+                }
                 "drain-then-reply" => serve_drain(stream, reply_bytes),
                 "reset" => serve_reset(stream),
                 "echo" => serve_echo(stream),
                 "sink" => serve_sink(stream),
+                "report" => serve_report(stream),
                 other => Err(anyhow::anyhow!("unknown mode {other}")),
             };
             if let Err(e) = r {
                 eprintln!("connection error: {e:#}");
+            }
+            // Die abruptly (no orderly shutdown, like a crash) right after
+            // finishing the Nth connection, so no connection is in flight.
+            let n = served.fetch_add(1, std::sync::atomic::Ordering::SeqCst) + 1;
+            if exit_after == Some(n) {
+                println!("exiting after {n} connections");
+                let _ = std::io::stdout().flush();
+                std::process::exit(0);
             }
         });
     }
@@ -176,17 +235,280 @@ fn serve_reset(mut s: TcpStream) -> Result<()> {
     Ok(())
 }
 
-fn serve_echo(mut s: TcpStream) -> Result<()> {
-    let _ = s.set_nodelay(true);
+/// How a read or write error ended a connection, as the clients print it.
+fn ending(e: &std::io::Error) -> String {
+    match e.kind() {
+        std::io::ErrorKind::ConnectionReset
+        | std::io::ErrorKind::ConnectionAborted
+        | std::io::ErrorKind::BrokenPipe => "reset".to_owned(),
+        k => format!("error:{k:?}"),
+    }
+}
+
+fn serve_report(mut s: TcpStream) -> Result<()> {
+    let peer = s.peer_addr()?;
+    let mut bytes = 0u64;
+    let mut chunk = vec![0u8; 64 * 1024];
+    let end = loop {
+        match s.read(&mut chunk) {
+            Ok(0) => break "eof".to_owned(),
+            Ok(n) => {
+                if bytes == 0 {
+                    s.write_all(b"ack\n")?;
+                }
+                bytes += n as u64;
+            }
+            Err(e) => break ending(&e),
+        }
+    };
+    println!("ended peer={peer} bytes={bytes} end={end}");
+    Ok(())
+}
+
+fn connect(args: &[String]) -> Result<(TcpStream, u64)> {
+    let addr: SocketAddr = need(args, "--connect")?.parse()?;
+    let send: u64 = need(args, "--send")?.parse()?;
+    let s = TcpStream::connect_timeout(&addr, Duration::from_secs(10))
+        .with_context(|| format!("connect {addr}"))?;
+    s.set_read_timeout(Some(Duration::from_secs(30)))?;
+    Ok((s, send))
+}
+
+/// Sends `n` bytes of `x`.
+fn send_bytes(s: &mut TcpStream, n: u64) -> std::io::Result<()> {
+    let chunk = vec![b'x'; 64 * 1024];
+    let mut sent = 0u64;
+    while sent < n {
+        let k = (n - sent).min(chunk.len() as u64) as usize;
+        s.write_all(&chunk[..k])?;
+        sent += k as u64;
+    }
+    Ok(())
+}
+
+fn halfclose_client(args: &[String]) -> Result<()> {
+    let (mut s, send) = connect(args)?;
+    if let Err(e) = send_bytes(&mut s, send) {
+        println!("header= received=0 pattern_ok=true end={}", ending(&e));
+        return Ok(());
+    }
+    finish(s, Vec::new())
+}
+
+/// Shuts down the write side, reads the reply to its end and prints it;
+/// `all` holds what was already read.
+fn finish(mut s: TcpStream, mut all: Vec<u8>) -> Result<()> {
+    // A connection already reset fails the shutdown with ENOTCONN; the read
+    // below then reports the pending reset (or EOF) as it is.
+    if let Err(e) = s.shutdown(Shutdown::Write)
+        && e.kind() != std::io::ErrorKind::NotConnected
+    {
+        println!("header= received=0 pattern_ok=true end={}", ending(&e));
+        return Ok(());
+    }
+    // Read the header line, then the pattern.
     let mut buf = vec![0u8; 64 * 1024];
+    let end = loop {
+        match s.read(&mut buf) {
+            Ok(0) => break "eof".to_owned(),
+            Ok(n) => all.extend_from_slice(&buf[..n]),
+            Err(e) => break ending(&e),
+        }
+    };
+    let (header, body) = match all.iter().position(|b| *b == b'\n') {
+        Some(i) => (
+            String::from_utf8_lossy(&all[..i]).into_owned(),
+            &all[i + 1..],
+        ),
+        None => (
+            String::from_utf8_lossy(&all).into_owned(),
+            &all[all.len()..],
+        ),
+    };
+    let pattern_ok = body
+        .iter()
+        .enumerate()
+        .all(|(i, b)| *b == pattern(i as u64));
+    println!(
+        "header={header} received={} pattern_ok={pattern_ok} end={end}",
+        body.len()
+    );
+    Ok(())
+}
+
+fn hold_client(args: &[String]) -> Result<()> {
+    let release = need(args, "--release")?;
+    let max_wait = Duration::from_secs(
+        arg(args, "--max-wait")
+            .map(|s| s.parse())
+            .transpose()?
+            .unwrap_or(60),
+    );
+    let (mut s, send) = connect(args)?;
+    send_bytes(&mut s, send)?;
+    println!("holding");
+    std::io::stdout().flush()?;
+    // Watch the socket while waiting (reading what arrives, kept for the
+    // end): a connection closed under us is reported at once instead of
+    // when the release comes.
+    s.set_read_timeout(Some(Duration::from_millis(20)))?;
+    let start = Instant::now();
+    let mut early = Vec::new();
+    let mut buf = vec![0u8; 64 * 1024];
+    while !Path::new(&release).exists() {
+        if start.elapsed() > max_wait {
+            bail!("not released within {max_wait:?}");
+        }
+        match s.read(&mut buf) {
+            Ok(0) => {
+                println!("closed-while-held received={} end=eof", early.len());
+                return Ok(());
+            }
+            Ok(n) => early.extend_from_slice(&buf[..n]),
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                ) => {}
+            Err(e) => {
+                println!(
+                    "closed-while-held received={} end={}",
+                    early.len(),
+                    ending(&e)
+                );
+                return Ok(());
+            }
+        }
+    }
+    s.set_read_timeout(Some(Duration::from_secs(30)))?;
+    finish(s, early)
+}
+
+fn reset_client(args: &[String]) -> Result<()> {
+    let (mut s, send) = connect(args)?;
+    send_bytes(&mut s, send)?;
+    let mut line = Vec::new();
+    let mut b = [0u8; 1];
+    while !line.ends_with(b"\n") {
+        match s.read(&mut b)? {
+            0 => bail!("connection ended before the server's first line"),
+            _ => line.push(b[0]),
+        }
+    }
+    socket2::SockRef::from(&s).set_linger(Some(Duration::ZERO))?;
+    drop(s);
+    println!("reset sent");
+    Ok(())
+}
+
+// ------------------------------------------------------- echo and rr-client
+
+fn serve_echo(mut s: TcpStream) -> Result<()> {
+    s.set_nodelay(true)?;
+    let mut chunk = vec![0u8; 64 * 1024];
     loop {
-        let n = s.read(&mut buf)?;
+        let n = s.read(&mut chunk)?;
         if n == 0 {
             break;
         }
-        s.write_all(&buf[..n])?;
+        s.write_all(&chunk[..n])?;
     }
     s.shutdown(Shutdown::Write)?;
+    Ok(())
+}
+
+/// One round trip on `s`: write `req`, read as many bytes back.
+fn round_trip(s: &mut TcpStream, req: &[u8], resp: &mut [u8]) -> Result<()> {
+    s.write_all(req)?;
+    s.read_exact(resp).context("reading the echo")?;
+    Ok(())
+}
+
+fn rr_connect(addr: SocketAddr) -> Result<TcpStream> {
+    let s = TcpStream::connect_timeout(&addr, Duration::from_secs(5))
+        .with_context(|| format!("connect {addr}"))?;
+    s.set_nodelay(true)?;
+    s.set_read_timeout(Some(Duration::from_secs(5)))?;
+    s.set_write_timeout(Some(Duration::from_secs(5)))?;
+    Ok(s)
+}
+
+/// The `q` quantile (0..=1) of sorted samples, by nearest rank.
+fn quantile(sorted: &[Duration], q: f64) -> Duration {
+    if sorted.is_empty() {
+        return Duration::ZERO;
+    }
+    let rank = (q * sorted.len() as f64).ceil() as usize;
+    sorted[rank.clamp(1, sorted.len()) - 1]
+}
+
+fn rr_client(args: &[String]) -> Result<()> {
+    let addr: SocketAddr = need(args, "--connect")?.parse()?;
+    let count: usize = need(args, "--count")?.parse()?;
+    let size: usize = arg(args, "--size")
+        .map(|s| s.parse())
+        .transpose()?
+        .unwrap_or(64);
+    let max_seconds: f64 = arg(args, "--max-seconds")
+        .map(|s| s.parse())
+        .transpose()?
+        .unwrap_or(60.0);
+    let new_connection = args.iter().any(|a| a == "--new-connection");
+    if size == 0 || count == 0 || !(max_seconds > 0.0 && max_seconds <= 3600.0) {
+        bail!("--count and --size must be positive, --max-seconds in (0, 3600]");
+    }
+    let max = Duration::from_secs_f64(max_seconds);
+    let req: Vec<u8> = (0..size as u64).map(pattern).collect();
+    let mut resp = vec![0u8; size];
+    let mut samples = Vec::with_capacity(count);
+    let start;
+    if new_connection {
+        start = Instant::now();
+        while samples.len() < count && start.elapsed() < max {
+            let t = Instant::now();
+            let mut s = rr_connect(addr)?;
+            round_trip(&mut s, &req, &mut resp)?;
+            drop(s);
+            samples.push(t.elapsed());
+        }
+    } else {
+        let mut s = rr_connect(addr)?;
+        for _ in 0..(count / 10).min(100) {
+            round_trip(&mut s, &req, &mut resp)?;
+        }
+        start = Instant::now();
+        while samples.len() < count && start.elapsed() < max {
+            let t = Instant::now();
+            round_trip(&mut s, &req, &mut resp)?;
+            samples.push(t.elapsed());
+        }
+        s.shutdown(Shutdown::Write)?;
+    }
+    let elapsed = start.elapsed();
+    if resp != req {
+        bail!("the echo differs from the request");
+    }
+    samples.sort_unstable();
+    let us = |d: Duration| d.as_secs_f64() * 1e6;
+    let total: Duration = samples.iter().sum();
+    let mean = total.as_secs_f64() * 1e6 / samples.len().max(1) as f64;
+    println!(
+        "rr mode={} size={size} count={} requested={count} elapsed_s={:.3} rate_per_s={:.1} \
+         mean_us={mean:.1} p50_us={:.1} p90_us={:.1} p99_us={:.1} p999_us={:.1} max_us={:.1}",
+        if new_connection {
+            "new-connection"
+        } else {
+            "persistent"
+        },
+        samples.len(),
+        elapsed.as_secs_f64(),
+        samples.len() as f64 / elapsed.as_secs_f64().max(1e-9),
+        us(quantile(&samples, 0.50)),
+        us(quantile(&samples, 0.90)),
+        us(quantile(&samples, 0.99)),
+        us(quantile(&samples, 0.999)),
+        us(samples.last().copied().unwrap_or_default()),
+    );
     Ok(())
 }
 
@@ -205,7 +527,7 @@ fn serve_sink(mut s: TcpStream) -> Result<()> {
     Ok(())
 }
 
-fn connect(addr: SocketAddr) -> Result<TcpStream> {
+fn bench_connect(addr: SocketAddr) -> Result<TcpStream> {
     let s = TcpStream::connect_timeout(&addr, Duration::from_secs(10))
         .with_context(|| format!("connect {addr}"))?;
     s.set_read_timeout(Some(Duration::from_secs(30)))?;
@@ -213,30 +535,12 @@ fn connect(addr: SocketAddr) -> Result<TcpStream> {
     Ok(s)
 }
 
-fn rr_client(args: &[String]) -> Result<()> {
-    let addr: SocketAddr = need(args, "--connect")?.parse()?;
-    let count: usize = need(args, "--count")?.parse()?;
-    let mut s = connect(addr)?;
-    let mut lat = Vec::with_capacity(count);
-    let mut b = [0u8; 1];
-    for i in 0..count {
-        let t = std::time::Instant::now();
-        s.write_all(&[i as u8])?;
-        s.read_exact(&mut b)?;
-        lat.push(t.elapsed().as_micros() as u64);
-    }
-    lat.sort_unstable();
-    let pct = |p: f64| lat[((lat.len() as f64 * p) as usize).min(lat.len() - 1)];
-    println!("p50_us={} p99_us={} count={count}", pct(0.50), pct(0.99));
-    Ok(())
-}
-
 fn stream_client(args: &[String]) -> Result<()> {
     let addr: SocketAddr = need(args, "--connect")?.parse()?;
     let seconds: f64 = need(args, "--seconds")?.parse()?;
-    let mut s = connect(addr)?;
+    let mut s = bench_connect(addr)?;
     let chunk = vec![0x5au8; 256 * 1024];
-    let start = std::time::Instant::now();
+    let start = Instant::now();
     let mut sent = 0u64;
     while start.elapsed().as_secs_f64() < seconds {
         s.write_all(&chunk)?;
@@ -260,13 +564,13 @@ fn connrate_client(args: &[String]) -> Result<()> {
     let addr: SocketAddr = need(args, "--connect")?.parse()?;
     let seconds: f64 = need(args, "--seconds")?.parse()?;
     let threads: usize = need(args, "--concurrency")?.parse()?;
-    let start = std::time::Instant::now();
-    let handles: Vec<_> = (0..threads)
+    let start = Instant::now();
+    let handles: Vec<_> = (0..threads.max(1))
         .map(|_| {
             std::thread::spawn(move || {
                 let (mut ok, mut failed) = (0u64, 0u64);
                 while start.elapsed().as_secs_f64() < seconds {
-                    let r = connect(addr).and_then(|mut s| {
+                    let r = bench_connect(addr).and_then(|mut s| {
                         s.write_all(b"x")?;
                         let mut b = [0u8; 1];
                         s.read_exact(&mut b)?;
@@ -291,51 +595,5 @@ fn connrate_client(args: &[String]) -> Result<()> {
     }
     let secs = start.elapsed().as_secs_f64();
     println!("conns={ok} per_s={:.0} failed={failed}", ok as f64 / secs);
-    Ok(())
-}
-
-fn halfclose_client(args: &[String]) -> Result<()> {
-    let addr: SocketAddr = need(args, "--connect")?.parse()?;
-    let send: u64 = need(args, "--send")?.parse()?;
-    let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(10))
-        .with_context(|| format!("connect {addr}"))?;
-    s.set_read_timeout(Some(Duration::from_secs(30)))?;
-    let chunk = vec![b'x'; 64 * 1024];
-    let mut sent = 0u64;
-    while sent < send {
-        let n = (send - sent).min(chunk.len() as u64) as usize;
-        s.write_all(&chunk[..n])?;
-        sent += n as u64;
-    }
-    s.shutdown(Shutdown::Write)?;
-    // Read the header line, then the pattern.
-    let mut all = Vec::new();
-    let mut buf = vec![0u8; 64 * 1024];
-    let end = loop {
-        match s.read(&mut buf) {
-            Ok(0) => break "eof".to_owned(),
-            Ok(n) => all.extend_from_slice(&buf[..n]),
-            Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => break "reset".to_owned(),
-            Err(e) => break format!("error:{:?}", e.kind()),
-        }
-    };
-    let (header, body) = match all.iter().position(|b| *b == b'\n') {
-        Some(i) => (
-            String::from_utf8_lossy(&all[..i]).into_owned(),
-            &all[i + 1..],
-        ),
-        None => (
-            String::from_utf8_lossy(&all).into_owned(),
-            &all[all.len()..],
-        ),
-    };
-    let pattern_ok = body
-        .iter()
-        .enumerate()
-        .all(|(i, b)| *b == pattern(i as u64));
-    println!(
-        "header={header} received={} pattern_ok={pattern_ok} end={end}",
-        body.len()
-    );
     Ok(())
 }
