@@ -739,7 +739,7 @@ async fn policy_denial_is_refused_and_counted() {
     assert_eq!(
         sample(
             &m.metrics_a,
-            r#"ferry_connection_failures_total{reason="tunnel_failed"}"#
+            r#"ferry_connection_failures_total{reason="denied_by_peer"}"#
         ),
         2.0
     );

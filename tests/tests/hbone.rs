@@ -119,6 +119,7 @@ fn cross_node_tunnel_carries_only_tls_and_strict_refuses_plaintext() -> Result<(
     namespace: shop
     addresses: [10.96.0.30]
     ports: [{ port: 80, target_port: 8080 }]
+    balancing: { algorithm: round_robin }
     endpoints:
       - { address: 10.77.2.11, node: node-b, service_account: reviews }
       - { address: 10.77.2.12, node: node-b, service_account: reviews }
@@ -180,7 +181,7 @@ authorization:
     assert_eq!(
         (ids.get("rv1"), ids.get("rv2")),
         (Some(&20), Some(&20)),
-        "equal weights split evenly across node B's pods"
+        "round robin over equal weights splits evenly across node B's pods"
     );
     // Node B's pods see Ferry B (their node's bridge address), not the client.
     assert!(
@@ -350,6 +351,12 @@ authorization:
         ),
         1.0,
         "{mb}"
+    );
+    // Node A resets the client at once: a denial is about the client, so
+    // no other endpoint is tried and none is held responsible.
+    assert_eq!(
+        ferry_a.metric(r#"ferry_connection_failures_total{reason="denied_by_peer"}"#)?,
+        1.0
     );
     assert!(
         ferry_b

@@ -48,6 +48,9 @@ pub enum Failure {
     /// The tunnel to the endpoint's node failed or the peer refused the
     /// stream (on the last attempt).
     TunnelFailed,
+    /// The endpoint's node refused the client's identity (authorization):
+    /// not the endpoint's fault, so no other endpoint is tried.
+    DeniedByPeer,
 }
 
 impl Failure {
@@ -60,6 +63,7 @@ impl Failure {
             Failure::LookupError => "lookup_error",
             Failure::NoSourceIdentity => "no_source_identity",
             Failure::TunnelFailed => "tunnel_failed",
+            Failure::DeniedByPeer => "denied_by_peer",
         }
     }
 }
@@ -115,6 +119,8 @@ enum AttemptError {
     Io { error: std::io::Error, tunnel: bool },
     /// The client has no identity to tunnel with: no endpoint will do.
     NoIdentity,
+    /// The peer node's policy refused the client's identity (403).
+    Denied(crate::hbone::HboneError),
 }
 
 /// Binds the outbound listener. A `[::]` address is made dual-stack.
@@ -287,6 +293,14 @@ impl Proxy {
                     relay::reset(&client);
                     return;
                 }
+                Err(AttemptError::Denied(e)) => {
+                    // Authorization is about the client, not the endpoint:
+                    // no failover, and the endpoint's record stays clean.
+                    warn!(endpoint = %addr, error = %e, "the endpoint's node denied this client; resetting");
+                    self.fail(Failure::DeniedByPeer);
+                    relay::reset(&client);
+                    return;
+                }
                 Err(AttemptError::Io { error: e, tunnel }) => {
                     last_was_tunnel = tunnel;
                     let why = ConnectFailure::classify(&e);
@@ -390,6 +404,9 @@ impl Proxy {
         .await
         {
             Ok(Ok(t)) => Ok(Upstream::Tunnel(Box::new(t))),
+            Ok(Err(e @ crate::hbone::HboneError::Refused { status: 403, .. })) => {
+                Err(AttemptError::Denied(e))
+            }
             Ok(Err(e)) => {
                 debug!(node = %route.node, src = %source, error = %e, "tunnel attempt failed");
                 Err(tunnel_err(e.into_io()))
