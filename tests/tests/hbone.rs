@@ -366,3 +366,187 @@ authorization:
     );
     Ok(())
 }
+
+/// The values of `key=VALUE` in the lines of `log` that contain `marker`.
+fn log_values(log: &str, marker: &str, key: &str) -> Vec<String> {
+    let needle = format!("{key}=");
+    log.lines()
+        .filter(|l| l.contains(marker))
+        .filter_map(|l| {
+            l.split_whitespace()
+                .find_map(|w| w.strip_prefix(&needle))
+                .map(|v| v.trim_matches('"').to_owned())
+        })
+        .filter(|v| !v.is_empty())
+        .collect()
+}
+
+/// Certificates rotate every 2 s (4 s lifetime, renewed at half life) on
+/// both nodes for a minute, under continuous traffic: new connections one
+/// after another (pooling off, so each is its own TLS handshake) and one
+/// long-lived connection. No connection fails, the long-lived one survives
+/// every rotation (and the expiry of the certificates it started with),
+/// and new handshakes keep presenting the new certificates.
+#[test]
+fn rotation_every_two_seconds_for_a_minute_drops_nothing() -> Result<()> {
+    if !root_test_can_run("rotation_every_two_seconds_for_a_minute_drops_nothing") {
+        return Ok(());
+    }
+    let mut t = Topology::new("rot")?;
+    let node_b = t.add_second_node()?;
+    let client = t.add_pod("cli", 10)?;
+    let server = t.add_pod_b("srv", 11)?;
+    t.start_server(&server, 8080, "echo", &["--mode", "echo"])?;
+    let ca = ferry::tls::LocalCa::generate("cluster.local")?;
+    let (ca_pem, key_pem) = ca.to_pem();
+    std::fs::write(t.dir.join("ca.pem"), ca_pem)?;
+    std::fs::write(t.dir.join("ca-key.pem"), key_pem)?;
+    let tls = format!(
+        "tls:\n  ca: {{ cert: \"{}\", key: \"{}\" }}\n  leaf_lifetime: 4s\n",
+        t.dir.join("ca.pem").display(),
+        t.dir.join("ca-key.pem").display()
+    );
+    let services = "  - name: echo
+    addresses: [10.96.0.50]
+    ports: [{ port: 80, target_port: 8080 }]
+    failover: { connect_timeout: 5s, budget: 10s }
+    endpoints: [{ address: 10.77.2.11, node: node-b, service_account: echo }]
+";
+    let cfg_a = format!(
+        "{}workloads: [{{ address: 10.77.1.10, service_account: client }}]\n\
+         nodes: {{ node-b: \"{LINK_B}\" }}\nhbone: {{ pooling: false }}\n{tls}",
+        t.ferry_config(services)
+    );
+    let cfg_b = format!(
+        "node: {{ name: node-b }}\ncapture: {{ enabled: false }}\n\
+         workloads: [{{ address: 10.77.2.11, service_account: echo }}]\n{tls}"
+    );
+    let ferry_b = t.start_ferry_in(&node_b.netns, "ferry-b", &cfg_b)?;
+    let ferry_a = t.start_ferry("ferry-a", &cfg_a)?;
+    let kit = ferry_tests::testkit_binary()?;
+
+    // One long-lived connection, round trips for 60 s.
+    let cli = client.netns.clone();
+    t.spawn(
+        "long",
+        &cli,
+        Group::Enrolled,
+        &kit,
+        &[
+            "rr-client",
+            "--connect",
+            "10.96.0.50:80",
+            "--count",
+            "100000000",
+            "--max-seconds",
+            "60",
+        ],
+    )?;
+    // New connections back to back for 60 s; any failure ends it non-zero.
+    let out = t.exec(
+        &cli,
+        Group::Enrolled,
+        &kit,
+        &[
+            "rr-client",
+            "--connect",
+            "10.96.0.50:80",
+            "--count",
+            "100000000",
+            "--new-connection",
+            "--max-seconds",
+            "60",
+        ],
+    )?;
+    let count: u64 = out
+        .split_whitespace()
+        .find_map(|w| w.strip_prefix("count="))
+        .and_then(|v| v.parse().ok())
+        .context("rr-client count")?;
+    assert!(count > 100, "new connections made: {out}");
+    assert_eq!(
+        t.wait_exit("long", Duration::from_secs(30))?,
+        Some(0),
+        "the long-lived connection failed:\n{}",
+        std::fs::read_to_string(t.dir.join("long.log")).unwrap_or_default()
+    );
+    let long = std::fs::read_to_string(t.dir.join("long.log"))?;
+    assert!(long.contains("mode=persistent"), "{long}");
+
+    let ma = ferry_a.metrics()?;
+    let issued_a = metric_value(&ma, "ferry_certificates_issued_total");
+    let issued_b = ferry_b.metric("ferry_certificates_issued_total")?;
+    assert!(
+        issued_a >= 20.0 && issued_b >= 20.0,
+        "rotated every ~2 s for a minute: A {issued_a}, B {issued_b}"
+    );
+    for reason in ["connect_failed", "tunnel_failed", "denied_by_peer"] {
+        assert_eq!(
+            metric_value(
+                &ma,
+                &format!("ferry_connection_failures_total{{reason=\"{reason}\"}}")
+            ),
+            0.0,
+            "{reason}"
+        );
+    }
+    assert_eq!(
+        metric_value(
+            &ma,
+            r#"ferry_tls_handshake_failures_total{direction="outbound"}"#
+        ),
+        0.0
+    );
+
+    // Which certificates the handshakes presented, as each side logged them.
+    let log_a = ferry_a.log_text();
+    let log_b = ferry_b.log_text();
+    let issued_by_a: std::collections::HashSet<String> =
+        log_values(&log_a, "workload certificate", "serial")
+            .into_iter()
+            .collect();
+    let issued_by_b: std::collections::HashSet<String> =
+        log_values(&log_b, "workload certificate", "serial")
+            .into_iter()
+            .collect();
+    let seen_by_b = log_values(&log_b, "tunnel connection accepted", "peer_serial");
+    let seen_by_a = log_values(&log_a, "tunnel connection open", "peer_serial");
+    assert!(
+        seen_by_a.len() as u64 >= count,
+        "one handshake per connection"
+    );
+    for (seen, issued, who) in [
+        (&seen_by_b, &issued_by_a, "B saw from A"),
+        (&seen_by_a, &issued_by_b, "A saw from B"),
+    ] {
+        assert!(
+            seen.iter().all(|s| issued.contains(s)),
+            "{who}: a certificate that was never issued"
+        );
+        let distinct: std::collections::HashSet<&String> = seen.iter().collect();
+        assert!(
+            distinct.len() >= 15,
+            "{who}: new handshakes present new certificates ({} distinct of {} issued)",
+            distinct.len(),
+            issued.len()
+        );
+        // Certificates are presented in issue order: once a newer one is
+        // seen, an older one never comes back.
+        let order: Vec<&String> = {
+            let mut v: Vec<&String> = Vec::new();
+            for s in seen.iter() {
+                if v.last() != Some(&s) {
+                    v.push(s);
+                }
+            }
+            v
+        };
+        let unique: std::collections::HashSet<&&String> = order.iter().collect();
+        assert_eq!(
+            unique.len(),
+            order.len(),
+            "{who}: an old certificate came back"
+        );
+    }
+    Ok(())
+}

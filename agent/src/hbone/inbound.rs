@@ -131,6 +131,11 @@ impl Inbound {
         };
         let (_, conn) = tls.get_ref();
         let td = self.tls.trust_domain();
+        let peer_serial = conn
+            .peer_certificates()
+            .and_then(|c| c.first())
+            .map(|c| verify::serial_of(c))
+            .unwrap_or_default();
         let source = match conn
             .peer_certificates()
             .and_then(|c| c.first())
@@ -170,7 +175,7 @@ impl Inbound {
             .get_or_create(&INBOUND)
             .clone();
         active.inc();
-        debug!(local = %local, "tunnel connection accepted");
+        info!(local = %local, peer_serial = %peer_serial, "tunnel connection accepted");
         if let Err(e) = self
             .clone()
             .serve_h2(tls, source, local, tracker, kill)

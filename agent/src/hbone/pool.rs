@@ -23,7 +23,7 @@ use prometheus_client::metrics::gauge::Gauge;
 use rustls::pki_types::ServerName;
 use tokio::net::{TcpSocket, TcpStream};
 use tokio_rustls::TlsConnector;
-use tracing::{Instrument, debug, debug_span, warn};
+use tracing::{Instrument, debug, debug_span, info, warn};
 
 use super::stream::{Slot, TunnelStream, Usage, now_ms};
 use super::{CONNECTION_WINDOW, HANDSHAKE_TIMEOUT, HboneError, MAX_FRAME, STREAM_WINDOW};
@@ -279,6 +279,13 @@ impl Pool {
         if tls.get_ref().1.alpn_protocol() != Some(ALPN_H2) {
             return Err(HboneError::NoAlpn { node });
         }
+        let peer_serial = tls
+            .get_ref()
+            .1
+            .peer_certificates()
+            .and_then(|c| c.first())
+            .map(|c| crate::tls::verify::serial_of(c))
+            .unwrap_or_default();
         let (send, connection) = h2::client::Builder::new()
             .initial_window_size(STREAM_WINDOW)
             .initial_connection_window_size(CONNECTION_WINDOW)
@@ -295,10 +302,10 @@ impl Pool {
             .clone();
         gauge.inc();
         let done = closed.clone();
+        info!(id, %node, src = %source, peer = %peer, peer_serial = %peer_serial, "tunnel connection open");
         let span = debug_span!("hbone_conn", id, %node, %source, %peer);
         tokio::spawn(
             async move {
-                debug!("tunnel connection open");
                 if let Err(e) = connection.await {
                     warn!(error = %e, "tunnel connection ended with an error");
                 } else {

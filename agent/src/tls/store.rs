@@ -33,6 +33,8 @@ pub struct Leaf {
     pub not_after: SystemTime,
     /// 1 for the first certificate of this identity, +1 per rotation.
     pub generation: u64,
+    /// The certificate's serial number (hex), as logged by peers.
+    pub serial: String,
 }
 
 impl Leaf {
@@ -132,7 +134,10 @@ impl CertStore {
         let certified = Arc::new(CertifiedKey::new(signed.chain, signing_key));
         let mut map = self.leaves.write().unwrap_or_else(|e| e.into_inner());
         let generation = map.get(identity).map_or(1, |l| l.generation + 1);
+        let serial =
+            super::verify::serial_of(certified.cert.first().map_or(&[][..], |c| c.as_ref()));
         let leaf = Arc::new(Leaf {
+            serial,
             identity: identity.clone(),
             key: certified,
             issued,
@@ -153,7 +158,7 @@ impl CertStore {
         for id in wanted {
             if self.get(id).is_none() {
                 let leaf = self.issue(id).await?;
-                info!(identity = %id, not_after = ?leaf.not_after, "workload certificate issued");
+                info!(identity = %id, serial = %leaf.serial, not_after = ?leaf.not_after, "workload certificate issued");
             }
         }
         self.leaves
@@ -190,7 +195,7 @@ impl CertStore {
             match self.issue(&id).await {
                 Ok(leaf) => {
                     n += 1;
-                    info!(identity = %id, generation = leaf.generation, not_after = ?leaf.not_after, "workload certificate rotated");
+                    info!(identity = %id, generation = leaf.generation, serial = %leaf.serial, not_after = ?leaf.not_after, "workload certificate rotated");
                 }
                 Err(e) => {
                     warn!(identity = %id, error = %e, "certificate renewal failed; keeping the current one")

@@ -48,6 +48,14 @@ pub fn identity_of(cert: &[u8], trust_domain: &str) -> Result<Identity, TlsError
     Ok(id)
 }
 
+/// A certificate's serial number as lowercase hex (for logs: which
+/// certificate a peer presented); empty if it does not parse.
+pub fn serial_of(cert: &[u8]) -> String {
+    x509_parser::parse_x509_certificate(cert)
+        .map(|(_, x)| x.raw_serial_as_string().replace(':', ""))
+        .unwrap_or_default()
+}
+
 /// The client side's check of the peer node: the certificate chains to the
 /// trust bundle (read at each handshake, so a reloaded bundle applies to the
 /// next connection) and names exactly the identity the endpoint should have,
