@@ -64,7 +64,7 @@ fuzz_target!(|data: &[u8]| {
     let source = Identity::new("cluster.local", "fuzz", "client").expect("identity");
     let local = Identity::new("cluster.local", "default", "default").expect("identity");
     f.rt.block_on(async {
-        let (mut peer, server) = tokio::io::duplex(64 * 1024);
+        let (peer, server) = tokio::io::duplex(64 * 1024);
         let tracker = TaskTracker::new();
         let kill = CancellationToken::new();
         let serve = tokio::spawn(f.inbound.clone().serve_h2(

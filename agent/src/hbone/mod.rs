@@ -112,7 +112,7 @@ pub enum RequestError {
 
 /// The target of a tunnel request: `CONNECT` with the pod's `IP:PORT` (or
 /// `[IPv6]:PORT`) as `:authority`, nothing else in the URI. Host names,
-/// user info and IPv4-mapped IPv6 forms are refused (a pod is named by its
+/// user info, IPv4-mapped IPv6 and non-canonical spellings are refused (a pod is named by its
 /// one address, which is what authorization and the workload table use).
 pub fn parse_connect(method: &Method, uri: &Uri) -> Result<SocketAddr, RequestError> {
     if method != Method::CONNECT {
@@ -144,7 +144,13 @@ pub fn parse_connect(method: &Method, uri: &Uri) -> Result<SocketAddr, RequestEr
     if port == 0 {
         return Err(RequestError::PortZero);
     }
-    Ok(SocketAddr::new(ip, port))
+    let addr = SocketAddr::new(ip, port);
+    // One spelling per target (found by fuzzing: `10.0.0.1:080`): leading
+    // zeros, upper-case or uncompressed IPv6 are refused.
+    if addr.to_string() != text {
+        return Err(bad());
+    }
+    Ok(addr)
 }
 
 #[cfg(test)]
@@ -187,6 +193,9 @@ mod tests {
             "10.0.0.1:+80",
             "fd77::1:80",
             "010.0.0.1:80",
+            "10.0.0.1:080",
+            "[FD77::1]:80",
+            "[fd77:0::1]:80",
         ] {
             assert!(parse("CONNECT", bad).is_err(), "{bad}");
         }
