@@ -21,6 +21,9 @@ fuzz_target!(|data: &[u8]| {
         assert_eq!(method, http::Method::CONNECT);
         assert_ne!(addr.port(), 0);
         // Canonical forms only: what we accept is what we would send.
-        assert_eq!(Some(addr.to_string().as_str()), uri.authority().map(|a| a.as_str()));
+        assert_eq!(
+            Some(addr.to_string().as_str()),
+            uri.authority().map(|a| a.as_str())
+        );
     }
 });
