@@ -222,10 +222,8 @@ impl Inbound {
             );
             tracker.spawn(
                 async move {
-                    tokio::select! {
-                        _ = this.handle_stream(request, respond, &source, &local) => {}
-                        _ = kill.cancelled() => debug!("closed at drain deadline"),
-                    }
+                    this.handle_stream(request, respond, &source, &local, &kill)
+                        .await
                 }
                 .instrument(span),
             );
@@ -250,6 +248,7 @@ impl Inbound {
         mut respond: SendResponse<Bytes>,
         source: &Identity,
         local: &Identity,
+        kill: &CancellationToken,
     ) {
         let target = match super::parse_connect(request.method(), request.uri()) {
             Ok(t) => t,
@@ -274,7 +273,14 @@ impl Inbound {
             return;
         }
         drop(snapshot);
-        let pod = match connect_marked(target, self.bypass_mark, self.connect_timeout).await {
+        let connect = connect_marked(target, self.bypass_mark, self.connect_timeout);
+        let pod = match tokio::select! {
+            r = connect => r,
+            () = kill.cancelled() => {
+                debug!("reset at drain deadline while connecting");
+                return;
+            }
+        } {
             Ok(s) => s,
             Err(e) => {
                 warn!(error = %e, "connect to local pod failed");
@@ -292,7 +298,9 @@ impl Inbound {
         };
         self.metrics.streams.get_or_create(&INBOUND).inc();
         let tunnel = TunnelStream::new(send, request.into_body(), None);
-        let out = relay::relay(tunnel, pod, &()).await;
+        // At the drain deadline both sides are reset (RST_STREAM and a TCP
+        // reset), never closed as if complete.
+        let out = relay::relay_until(tunnel, pod, &(), kill.cancelled()).await;
         info!(
             src = %source,
             upstream_bytes = out.upstream_bytes,
