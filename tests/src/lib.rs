@@ -20,6 +20,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 
+pub mod fake_api;
+
 /// Node address on the pod bridge (IPv4).
 pub const NODE_V4: Ipv4Addr = Ipv4Addr::new(10, 77, 1, 1);
 /// Node address on the pod bridge (IPv6).
