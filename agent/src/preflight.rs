@@ -1,9 +1,9 @@
 //! Checks, before anything is loaded, that this kernel and this process
 //! can run capture; each failure says what is missing and what to do.
 //!
-//! Required: Linux 5.8 or newer (cgroup BPF links since 5.7, CAP_BPF since
-//! 5.8; sockhash and `bpf_get_socket_cookie` in sock_addr programs are
-//! older), a cgroup v2 hierarchy, and either CAP_SYS_ADMIN or CAP_BPF +
+//! Required: Linux 5.14 or newer (cgroup BPF links since 5.7, CAP_BPF since
+//! 5.8, `BPF_MAP_LOOKUP_AND_DELETE_ELEM` on hash maps since 5.14, which is
+//! how the proxy takes a connection's original destination), a cgroup v2 hierarchy, and either CAP_SYS_ADMIN or CAP_BPF +
 //! CAP_NET_ADMIN (plus CAP_SYS_ADMIN to attach to cgroups). Ferry refuses to
 //! start when one is missing rather than run without capture.
 
@@ -11,7 +11,7 @@
 #[derive(Debug, thiserror::Error)]
 pub enum PreflightError {
     #[error(
-        "kernel {found} is too old: Ferry's capture needs Linux 5.8 or newer (cgroup BPF links, CAP_BPF)"
+        "kernel {found} is too old: Ferry's capture needs Linux 5.14 or newer (cgroup BPF links, CAP_BPF, lookup-and-delete on hash maps)"
     )]
     Kernel { found: String },
     #[error(
@@ -39,14 +39,14 @@ pub fn check() -> Result<(), PreflightError> {
     check_caps(&status)
 }
 
-/// `5.15.0-91-generic` → ok; `5.4.0` → too old.
+/// `5.15.0-91-generic` → ok; `5.10.0` → too old.
 pub fn check_kernel(release: &str) -> Result<(), PreflightError> {
     let mut parts = release
         .split(|c: char| !c.is_ascii_digit())
         .filter(|s| !s.is_empty())
         .map(|s| s.parse::<u32>().unwrap_or(0));
     let (major, minor) = (parts.next().unwrap_or(0), parts.next().unwrap_or(0));
-    if (major, minor) < (5, 8) {
+    if (major, minor) < (5, 14) {
         return Err(PreflightError::Kernel {
             found: release.to_owned(),
         });
@@ -88,10 +88,10 @@ mod tests {
     #[test]
     fn kernel_versions() {
         assert!(check_kernel("6.18.0").is_ok());
-        assert!(check_kernel("5.8.0-1-amd64").is_ok());
+        assert!(check_kernel("5.14.0-284.el9.x86_64").is_ok());
         assert!(check_kernel("5.15.0-91-generic").is_ok());
-        let e = check_kernel("5.4.0-150-generic").unwrap_err().to_string();
-        assert!(e.contains("5.4.0-150-generic") && e.contains("5.8"), "{e}");
+        let e = check_kernel("5.10.0-28-amd64").unwrap_err().to_string();
+        assert!(e.contains("5.10.0-28-amd64") && e.contains("5.14"), "{e}");
         assert!(check_kernel("").is_err());
     }
 
