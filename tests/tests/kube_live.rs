@@ -99,7 +99,7 @@ fn kubernetes_mode_syncs_attaches_and_serves() -> Result<()> {
 
     // The kubelet's cgroup for the pod (cgroupfs driver, Guaranteed QoS),
     // under the topology's own cgroup tree.
-    let root = format!("{}", t.enrolled_cgroup);
+    let root = t.enrolled_cgroup.clone();
     let pod_cg = CgroupDir(t.cgroup_path(Group::Enrolled).join(format!("pod{POD_UID}")));
     std::fs::create_dir_all(&pod_cg.0)?;
 
