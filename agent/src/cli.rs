@@ -42,6 +42,8 @@ pub enum Command {
         /// The configuration file (YAML).
         #[arg(long, short, env = "FERRY_CONFIG")]
         config: PathBuf,
+        #[command(flatten)]
+        overrides: OverrideArgs,
     },
     /// Print the version and whether the eBPF object is embedded.
     Version,
@@ -143,8 +145,8 @@ pub fn main() -> ExitCode {
             );
             ExitCode::SUCCESS
         }
-        Command::Check { config } => match config::load(&config) {
-            Ok(c) => {
+        Command::Check { config, overrides } => match load_with(&config, &overrides.overrides()) {
+            Ok((c, _)) => {
                 println!(
                     "{}: ok ({} services, {} endpoints, capture {})",
                     config.display(),
