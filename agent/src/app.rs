@@ -169,7 +169,12 @@ pub async fn run(config: Config, config_path: Option<PathBuf>) -> Result<(), App
                             continue;
                         }
                         start_snapshot_tasks(&snapshot, mark, &new.dns, &dns);
+                        // The old snapshot lives on while connections hold
+                        // it, but its background work (health checks) stops
+                        // now: the new snapshot's tasks took over.
+                        let old = state.load();
                         state.store(snapshot);
+                        old.stop_token().cancel();
                         info!(services = new.services.len(), "configuration reloaded");
                         current = new;
                     }
