@@ -476,7 +476,7 @@ impl Topology {
             if text.contains(needle) {
                 return Ok(());
             }
-            if let Some((_, child)) = self.children.iter_mut().find(|(l, _)| l == label)
+            if let Some((_, child)) = self.children.iter_mut().rev().find(|(l, _)| l == label)
                 && let Ok(Some(status)) = child.try_wait()
             {
                 bail!("{label} exited ({status}) before it was ready:\n{text}");
@@ -521,7 +521,7 @@ impl Topology {
         };
         let start = Instant::now();
         loop {
-            if let Some((_, child)) = self.children.iter_mut().find(|(l, _)| l == label)
+            if let Some((_, child)) = self.children.iter_mut().rev().find(|(l, _)| l == label)
                 && let Ok(Some(status)) = child.try_wait()
             {
                 bail!(
@@ -604,7 +604,7 @@ impl Topology {
     pub fn wait_exit(&mut self, label: &str, timeout: Duration) -> Result<Option<i32>> {
         let start = Instant::now();
         loop {
-            let Some((_, child)) = self.children.iter_mut().find(|(l, _)| l == label) else {
+            let Some((_, child)) = self.children.iter_mut().rev().find(|(l, _)| l == label) else {
                 bail!("no process labelled {label}");
             };
             if let Some(status) = child.try_wait()? {
@@ -619,7 +619,7 @@ impl Topology {
 
     /// Kills one labelled child now.
     pub fn kill(&mut self, label: &str) {
-        if let Some((_, child)) = self.children.iter_mut().find(|(l, _)| l == label) {
+        if let Some((_, child)) = self.children.iter_mut().rev().find(|(l, _)| l == label) {
             let _ = child.kill();
             let _ = child.wait();
         }
