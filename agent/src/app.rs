@@ -241,7 +241,10 @@ pub async fn run_with(
                     continue;
                 }
                 start_snapshot_tasks(&snapshot, mark, &new.dns, &dns);
+                // As on reload: the replaced snapshot's health checks stop now.
+                let old = state.load();
                 state.store(snapshot);
+                old.stop_token().cancel();
                 snapshot_time.set(unix_now());
                 if let (Some(c), Some(mount)) = (&capture, &cgroup_mount) {
                     cgroups_pending = sync_cgroups(c, mount, &t, &static_cgroups);
@@ -287,7 +290,12 @@ pub async fn run_with(
                             continue;
                         }
                         start_snapshot_tasks(&snapshot, mark, &new.dns, &dns);
+                        // The old snapshot lives on while connections hold
+                        // it, but its background work (health checks) stops
+                        // now: the new snapshot's tasks took over.
+                        let old = state.load();
                         state.store(snapshot);
+                        old.stop_token().cancel();
                         snapshot_time.set(unix_now());
                         info!(services = new.services.len(), "configuration reloaded");
                         current = new;
