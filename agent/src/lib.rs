@@ -10,6 +10,7 @@
 //! * [`hbone`]: the mutual-TLS HTTP/2 CONNECT tunnel between nodes, and
 //!   inbound authorization.
 //! * [`metrics`]: the Prometheus registry and the metrics/readiness servers.
+//! * [`k8s`]: the Kubernetes config source (watches, translation).
 //! * [`app`]: wiring, start-up order, reload and drain.
 //! * [`cli`]: the `ferry` command line.
 
@@ -19,7 +20,9 @@ pub mod capture;
 pub mod cli;
 pub mod config;
 pub mod hbone;
+pub mod k8s;
 pub mod metrics;
+pub mod preflight;
 pub mod proxy;
 pub mod state;
 pub mod tls;

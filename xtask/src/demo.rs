@@ -298,9 +298,16 @@ const BACKENDS: [Backend; 3] = [
 ];
 
 fn services_yaml() -> String {
+    // Weighted round robin, so the split is exact over every 100 connections
+    // (the default, P2C over peak-EWMA, also weighs latency and load), and
+    // quick outlier detection, so the failover scene fits in seconds.
     let mut s = format!(
         "  - name: web\n    namespace: default\n    addresses: [{VIP4}, \"{VIP6}\"]\n    \
-         ports: [{{ port: 80, target_port: {BACKEND_PORT} }}]\n    endpoints:\n"
+         ports: [{{ port: 80, target_port: {BACKEND_PORT} }}]\n    \
+         balancing: {{ algorithm: round_robin }}\n    \
+         failover: {{ max_connect_attempts: 3, connect_timeout: 300ms }}\n    \
+         outlier_detection: {{ consecutive_failures: 3, base_ejection_time: 3s }}\n    \
+         endpoints:\n"
     );
     for b in &BACKENDS {
         s.push_str(&format!(
@@ -313,7 +320,7 @@ fn services_yaml() -> String {
 
 pub fn run(args: &DemoArgs) -> Result<()> {
     let stop = Stop::install()?;
-    let mut steps = Steps::new(9 + usize::from(args.keep_running));
+    let mut steps = Steps::new(11 + usize::from(args.keep_running));
     println!(
         "Ferry demo: pods connect to a service address; Ferry's eBPF programs send those \
          connections\nto one proxy on the node, which spreads them over the backends by weight. \
@@ -406,11 +413,25 @@ fn demo(
         || direct(t, stop, &ferry, &client, &curl, n + 100),
     )?;
 
+    steps.run(
+        stop,
+        "Failover: web-2 is killed in the middle of 1000 connections",
+        || failover(t, stop, &ferry, &client, &curl),
+    )?;
+
+    steps.run(
+        stop,
+        "web-2 is restarted: it returns when its ejection ends",
+        || restore(t, stop, &ferry, &client, &curl),
+    )?;
+
     steps.run(stop, "Ferry's metrics", || {
         let m = ferry.metrics()?;
         let interesting = |l: &&str| {
             l.starts_with("ferry_connections_opened_total")
                 || l.starts_with("ferry_tcp_bytes_total")
+                || l.starts_with("ferry_connect_retries_total")
+                || l.starts_with("ferry_endpoint_ejections_total")
                 || (l.starts_with("ferry_ebpf_events_total") && !l.ends_with(" 0"))
         };
         let mut lines: Vec<&str> = m.lines().filter(interesting).collect();
@@ -594,6 +615,98 @@ fn direct(
          10.77.1.12 is no service address, so connect4 let the connection pass \
          (passed: {p1} -> {p2})."
     );
+    Ok(())
+}
+
+const WEB2: &str = "10.77.1.12:8080";
+
+fn web2_metric(ferry: &Ferry, name: &str) -> Result<f64> {
+    ferry.metric(&format!(
+        r#"{name}{{service="default/web",endpoint="{WEB2}"}}"#
+    ))
+}
+
+/// Polls `probe` every 20 ms for at most `timeout`, or until interrupted.
+fn await_event(
+    stop: &Stop,
+    what: &str,
+    timeout: Duration,
+    mut probe: impl FnMut() -> Result<bool>,
+) -> Result<()> {
+    let start = Instant::now();
+    while !probe()? {
+        stop.check()?;
+        if start.elapsed() > timeout {
+            bail!("timed out after {} waiting for {what}", secs(timeout));
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    Ok(())
+}
+
+fn failover(t: &mut Topology, stop: &Stop, ferry: &Ferry, client: &Pod, curl: &Path) -> Result<()> {
+    let opened = r#"ferry_connections_opened_total{service="default/web"}"#;
+    let start = ferry.metric(opened)?;
+    let url = format!("http://{VIP4}/[1-1000]");
+    println!("    $ curl -sS --rate 300/s '{url}'   (in the client pod, in the background)");
+    t.spawn(
+        "failover-load",
+        &client.netns.clone(),
+        Group::Enrolled,
+        curl,
+        &[
+            "-sS",
+            "--rate",
+            "300/s",
+            "--max-time",
+            "10",
+            "--connect-timeout",
+            "5",
+            &url,
+        ],
+    )?;
+    await_event(stop, "300 connections", Duration::from_secs(30), || {
+        Ok(ferry.metric(opened)? >= start + 300.0)
+    })?;
+    t.kill("server-web-2");
+    println!("    after 300 connections: web-2's server process killed (SIGKILL)");
+    await_event(stop, "web-2's ejection", Duration::from_secs(30), || {
+        Ok(web2_metric(ferry, "ferry_endpoint_ejections_total")? >= 1.0)
+    })?;
+    for line in ferry.log_text().lines().filter(|l| {
+        l.contains(WEB2) && (l.contains("connect failed") || l.contains("endpoint ejected"))
+    }) {
+        let msg = line.split_once("ferry::").map(|(_, m)| m).unwrap_or(line);
+        println!("    ferry: {msg}");
+    }
+    let code = t.wait_exit("failover-load", Duration::from_secs(60))?;
+    let out = t.log_text("failover-load");
+    let ids = count_ids(&out);
+    print_split(&ids, 1000);
+    let answered: usize = ids.values().sum();
+    if code != Some(0) || answered != 1000 || out.contains("curl:") {
+        bail!("the client saw failures ({answered} of 1000 answered, curl exit {code:?})");
+    }
+    println!(
+        "    The client saw no failure: each connection that picked the dead web-2 was connected\n    \
+         to another backend before any byte moved, and after 3 refusals web-2 was ejected\n    \
+         (ferry_endpoint_healthy = {}), so later connections skip it until it is retried.",
+        web2_metric(ferry, "ferry_endpoint_healthy")?
+    );
+    Ok(())
+}
+
+fn restore(t: &mut Topology, stop: &Stop, ferry: &Ferry, client: &Pod, curl: &Path) -> Result<()> {
+    let web2 = t.pods()[2].clone();
+    t.start_server(&web2, BACKEND_PORT, "web-2", &[])?;
+    println!("    web-2's server is running again; Ferry retries it when its 3 s ejection ends");
+    await_event(stop, "web-2 back", Duration::from_secs(30), || {
+        Ok(web2_metric(ferry, "ferry_endpoint_healthy")? == 1.0)
+    })?;
+    let url = format!("http://{VIP4}/[1-100]");
+    let out = drive(t, stop, client, curl, &url, 100)?;
+    check_split(&out, 100, false)?;
+    println!("    web-2 is back in rotation at its weight.");
     Ok(())
 }
 

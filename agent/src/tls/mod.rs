@@ -66,6 +66,17 @@ pub fn provider() -> Arc<CryptoProvider> {
     Arc::new(rustls::crypto::aws_lc_rs::default_provider())
 }
 
+/// Makes [`provider`] the process-wide rustls default. The binary links
+/// two providers (aws-lc-rs for the tunnel; ring, which the Kubernetes
+/// client's TLS stack enables), and rustls then refuses to guess: code that
+/// uses the default (`ClientConfig::builder()`, as the Kubernetes client
+/// does) would panic. Called at start; calling it again does nothing.
+pub fn install_process_default() {
+    if CryptoProvider::get_default().is_none() {
+        let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
+    }
+}
+
 /// Reads every certificate of a PEM file.
 pub fn read_pem_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError> {
     use rustls::pki_types::pem::PemObject;
@@ -272,4 +283,16 @@ pub fn context_from_config(cfg: &crate::config::Tls) -> Result<TlsContext, TlsEr
         None => Vec::new(),
     };
     TlsContext::new(&cfg.trust_domain, signer, extra, cfg.leaf_lifetime)
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn process_default_is_installed_once_and_usable() {
+        super::install_process_default();
+        super::install_process_default();
+        // Would panic with two providers linked and no default.
+        let _ = rustls::ClientConfig::builder();
+        assert!(rustls::crypto::CryptoProvider::get_default().is_some());
+    }
 }
