@@ -39,6 +39,9 @@ fn load_cluster(api: &FakeApi) {
 }
 
 fn client(api: &FakeApi) -> kube::Client {
+    // Two rustls providers are linked (the tunnel's aws-lc-rs, kube's ring):
+    // choose one before the client builds its TLS configuration.
+    ferry::tls::install_process_default();
     let cfg = kube::Config::new(api.url().parse().expect("url"));
     kube::Client::try_from(cfg).expect("client")
 }

@@ -166,6 +166,7 @@ struct Shared {
 
 /// A client from the in-cluster service account, or KUBECONFIG/~/.kube/config.
 pub async fn client() -> Result<kube::Client, KubeError> {
+    crate::tls::install_process_default();
     kube::Client::try_default().await.map_err(KubeError::Client)
 }
 
