@@ -60,6 +60,7 @@ pub async fn run(config: Config, config_path: Option<PathBuf>) -> Result<(), App
     let mut sigint = signal(SignalKind::interrupt()).map_err(AppError::Signal)?;
     let mut sighup = signal(SignalKind::hangup()).map_err(AppError::Signal)?;
 
+    raise_fd_limit();
     let metrics = Arc::new(Metrics::new(&config.node_name));
     let ready = Arc::new(Readiness::default());
     let balance_metrics = Arc::new(BalanceMetrics::default());
@@ -115,6 +116,7 @@ pub async fn run(config: Config, config_path: Option<PathBuf>) -> Result<(), App
         destinations,
         bypass_mark: mark,
         balance_metrics: balance_metrics.clone(),
+        relay_mode: proxy::lean::Mode::from_zero_copy(config.proxy.zero_copy),
     });
     let maintenance_stop = CancellationToken::new();
     tokio::spawn(maintain(state.clone(), maintenance_stop.clone()));
@@ -245,4 +247,40 @@ async fn maintain(state: Arc<State>, stop: CancellationToken) {
             set.expire_ejections(now);
         }
     }
+}
+
+/// Descriptors Ferry asks for: two sockets per relayed connection.
+const WANT_FDS: u64 = 1 << 20;
+
+/// Raises the open-file limit toward [`WANT_FDS`] (the hard limit too, when
+/// privileged, up to the kernel's `nr_open`): the default soft limit (often
+/// 1024) would cap Ferry at a few hundred connections.
+fn raise_fd_limit() {
+    let nr_open = std::fs::read_to_string("/proc/sys/fs/nr_open")
+        .ok()
+        .and_then(|s| s.trim().parse::<u64>().ok())
+        .unwrap_or(WANT_FDS);
+    let want = WANT_FDS.min(nr_open);
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: `lim` is a valid, writable rlimit for getrlimit to fill.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) } != 0 {
+        warn!(error = %std::io::Error::last_os_error(), "cannot read the open-file limit");
+        return;
+    }
+    let before = lim.rlim_cur;
+    for max in [want.max(lim.rlim_max), lim.rlim_max] {
+        let new = libc::rlimit {
+            rlim_cur: want.min(max),
+            rlim_max: max,
+        };
+        // SAFETY: `new` is a valid rlimit; setrlimit only reads it.
+        if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &new) } == 0 {
+            info!(before, now = new.rlim_cur, "open-file limit raised");
+            return;
+        }
+    }
+    warn!(limit = before, "cannot raise the open-file limit");
 }

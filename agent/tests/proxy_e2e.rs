@@ -140,6 +140,7 @@ fn start(listener: TcpListener, yaml: &str) -> Running {
         destinations: Destinations::LocalAddress,
         bypass_mark: 0,
         balance_metrics: Arc::new(ferry::balance::BalanceMetrics::default()),
+        relay_mode: ferry::proxy::lean::Mode::from_zero_copy(config.proxy.zero_copy),
     });
     let service = listener.local_addr().unwrap();
     let stop = CancellationToken::new();

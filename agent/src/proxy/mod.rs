@@ -1,6 +1,7 @@
 //! The outbound listener: accept a captured connection, find where it was
 //! going, pick an endpoint by weight, connect, relay.
 
+pub mod lean;
 pub mod relay;
 
 use std::net::SocketAddr;
@@ -90,6 +91,8 @@ pub struct Proxy {
     /// `SO_MARK` for upstream sockets (0: none).
     pub bypass_mark: u32,
     pub balance_metrics: Arc<BalanceMetrics>,
+    /// How payload is moved (`proxy.zero_copy`).
+    pub relay_mode: lean::Mode,
 }
 
 /// Binds the outbound listener. A `[::]` address is made dual-stack.
@@ -300,7 +303,14 @@ impl Proxy {
             })
             .clone();
         let observe = ByteCounters { up, down };
-        let out = relay::relay_until(client, upstream, &observe, kill.cancelled()).await;
+        let out = lean::relay_until(
+            client,
+            upstream,
+            &observe,
+            kill.cancelled(),
+            self.relay_mode,
+        )
+        .await;
         info!(
             upstream_bytes = out.upstream_bytes,
             downstream_bytes = out.downstream_bytes,
