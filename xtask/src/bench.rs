@@ -620,6 +620,8 @@ struct Machine {
     date: String,
     /// Load averages just before the measurements.
     load: String,
+    /// Ferry's log filter (the harness passes `FERRY_LOG`, default `info`).
+    ferry_log: String,
     nproc: String,
     kernel: String,
     cpu: String,
@@ -628,6 +630,17 @@ struct Machine {
 }
 
 impl Machine {
+    /// Whether the 1-minute load average was above half the CPUs.
+    fn busy(&self) -> bool {
+        let one = self
+            .load
+            .split_whitespace()
+            .next()
+            .and_then(|l| l.parse::<f64>().ok());
+        let cpus = self.nproc.parse::<f64>().ok();
+        matches!((one, cpus), (Some(one), Some(cpus)) if one > cpus / 2.0)
+    }
+
     fn probe() -> Machine {
         let out = |program: &str, args: &[&str]| {
             util::stdout_of(Command::new(program).args(args))
@@ -647,6 +660,7 @@ impl Machine {
         Machine {
             date: out("date", &["-u", "+%Y-%m-%d %H:%M UTC"]),
             load: load_average(),
+            ferry_log: std::env::var("FERRY_LOG").unwrap_or_else(|_| "info".into()),
             nproc: out("nproc", &[]),
             kernel: out("uname", &["-r"]),
             cpu,
@@ -731,22 +745,38 @@ fn results_markdown(
     s.push_str(&format!(
         "- Command: `{command}`\n- Date: {}\n- Machine: {} vCPUs (nproc), kernel {}, CPU {}\n\
          - Load average (1, 5, 15 min) just before the measurements: {}\n\
-         - Ferry: release build at `{}`, default worker threads (one per CPU)\n- {}\n\n",
+         - Ferry: release build at `{}`, default worker threads (one per CPU), log level `{}` \
+         (at `info`, its default, Ferry logs one line per connection, here to a file)\n- {}\n\n",
         machine.date,
         machine.nproc,
         machine.kernel,
         machine.cpu,
         machine.load,
         machine.commit,
+        machine.ferry_log,
         machine.iperf3
     ));
-    s.push_str(
+    s.push_str(&format!(
         "**Caveat:** client, proxy and server all run on this one machine and share its \
-         vCPUs (2 here): through Ferry, three busy processes compete for them instead of two. \
-         Each number is from a single run and timings are noisy (expect several percent, and \
-         more in the tails, between runs); compare the ratios, not the absolute values, and do \
-         not compare across machines.\n\n",
-    );
+         {} vCPUs: through Ferry, three busy processes compete for them instead of two, and \
+         every round trip needs two more wake-ups. Timings are noisy (expect several percent \
+         between runs, and much more in the tails); {}. Compare the ratios, not the absolute \
+         values, and do not compare across machines.\n\n",
+        machine.nproc,
+        if rounds.len() > 1 {
+            format!("each figure is the median of {} rounds", rounds.len())
+        } else {
+            "each figure is from a single run".to_string()
+        }
+    ));
+    if machine.busy() {
+        s.push_str(&format!(
+            "**Warning:** other work was running on this machine during the run (load average \
+             {} just before it, on {} vCPUs), which inflates the latency tails and distorts \
+             the ratios; rerun on an idle machine for cleaner numbers.\n\n",
+            machine.load, machine.nproc
+        ));
+    }
     s.push_str(
         "## What runs\n\n\
          The integration harness's topology (`tests/src/lib.rs`): a node network namespace \
@@ -764,7 +794,7 @@ fn results_markdown(
     );
     s.push_str(&format!(
         "- Throughput: `iperf3 -c ADDR -t {} -P 1 -J`, `end.sum_received.bits_per_second` \
-         (retransmits: direct {}, through Ferry {}).\n\
+         (sender retransmits, median: direct {}, through Ferry {}).\n\
          - Request/response: `ferry-testkit rr-client --count {} --size {SIZE}`: one connection, \
          TCP_NODELAY, write {SIZE} bytes and read the {SIZE}-byte echo, {} round trips after \
          {} uncounted warm-up ones.\n\
@@ -897,6 +927,7 @@ mod tests {
         let machine = Machine {
             date: "d".into(),
             load: "0.1 0.2 0.3".into(),
+            ferry_log: "info".into(),
             nproc: "2".into(),
             kernel: "k".into(),
             cpu: "c".into(),
