@@ -93,6 +93,9 @@ pub async fn run(config: Config, config_path: Option<PathBuf>) -> Result<(), App
     } else {
         None
     };
+    if capture.is_some() {
+        release_startup_memory();
+    }
     let destinations = match &capture {
         Some(c) => Destinations::Ebpf(c.clone()),
         None => Destinations::LocalAddress,
@@ -283,4 +286,17 @@ fn raise_fd_limit() {
         }
     }
     warn!(limit = before, "cannot raise the open-file limit");
+}
+
+/// Loading the eBPF object parses the kernel's BTF (megabytes, freed once
+/// the programs are loaded); glibc keeps freed heap mapped, so hand it back
+/// to the kernel or it stays in Ferry's resident memory for good.
+fn release_startup_memory() {
+    #[cfg(target_env = "gnu")]
+    {
+        // SAFETY: malloc_trim only returns free heap memory to the kernel;
+        // it does not touch memory in use.
+        let released = unsafe { libc::malloc_trim(0) };
+        tracing::debug!(released = released != 0, "start-up memory trimmed");
+    }
 }
