@@ -1,17 +1,19 @@
 //! `cargo xtask bench`: what going through Ferry costs, measured side by side
-//! on the integration harness's topology.
+//! on the integration harness's topology, against direct TCP and HAProxy.
 //!
-//! One client pod (in the enrolled cgroup) and one server pod. Each
-//! measurement runs twice, back to back: (a) the client connects to the
-//! server pod's address directly (connect4 runs and lets it pass), (b) it
-//! connects to a service address, which Ferry's eBPF capture redirects to
-//! Ferry (a release build), which connects to the same server. Measured:
+//! One client pod and one server pod; in one run, each measurement goes
+//! every way in turn: direct; Ferry with eBPF capture and the splice relay;
+//! a second Ferry process with the copy relay; Ferry (splice) reached by
+//! iptables `REDIRECT` instead of eBPF (the client outside the enrolled
+//! cgroup); HAProxy in TCP mode on the node. Measured:
 //!
-//! * bulk throughput: iperf3, one stream, 10 s (2 s with `--quick`);
+//! * bulk throughput: iperf3, 1 and 4 streams, 10 s (1 s with `--quick`);
 //! * request/response latency: `ferry-testkit rr-client`, 64-byte request
 //!   and response on one connection, 20000 round trips (2000), p50 to p99.9;
 //! * new connections per second: `rr-client --new-connection`, each round
-//!   trip on its own connection, 5000 connections (500).
+//!   trip on its own connection, 5000 connections (500);
+//! * the proxy's resident memory idle and holding 9,900 idle connections
+//!   (1,000), and its CPU seconds per GB moved in the throughput tests.
 //!
 //! The results go to `tests/bench/RESULTS.md`; a `--quick` run writes them to
 //! a temporary file instead (so a CI run leaves the tree clean) unless
@@ -80,6 +82,9 @@ const SERVER_HOST: u8 = 11;
 const VIP: &str = "10.96.0.30";
 /// The service address the second Ferry (copy relay) captures.
 const VIP_COPY: &str = "10.96.0.31";
+/// The service address a client outside the enrolled cgroup reaches Ferry
+/// (splice) at through iptables `REDIRECT` in the node namespace.
+const VIP_REDIRECT: &str = "10.96.0.32";
 /// HAProxy's listening address, on the node namespace's loopback.
 const HAPROXY_ADDR: &str = "10.96.0.40";
 const IPERF_PORT: u16 = 5201;
@@ -99,7 +104,7 @@ const MAX_PROXIED: u64 = 9_950;
 const STREAMS: [u64; 2] = [1, 4];
 
 /// How many ways are measured.
-const WAYS: usize = 4;
+const WAYS: usize = 5;
 
 /// The ways the client reaches the server.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -109,18 +114,28 @@ enum Way {
     Ferry,
     /// A second Ferry with eBPF capture, `proxy.zero_copy: false`.
     FerryCopy,
+    /// Ferry (splice), reached by iptables `REDIRECT` instead of eBPF
+    /// capture; it learns the destination from `SO_ORIGINAL_DST`.
+    Redirect,
     /// HAProxy in TCP mode on the node.
     Haproxy,
 }
 
 impl Way {
-    const ALL: [Way; WAYS] = [Way::Direct, Way::Ferry, Way::FerryCopy, Way::Haproxy];
+    const ALL: [Way; WAYS] = [
+        Way::Direct,
+        Way::Ferry,
+        Way::FerryCopy,
+        Way::Redirect,
+        Way::Haproxy,
+    ];
 
     fn label(self) -> &'static str {
         match self {
             Way::Direct => "direct",
             Way::Ferry => "Ferry splice",
             Way::FerryCopy => "Ferry copy",
+            Way::Redirect => "iptables->Ferry",
             Way::Haproxy => "HAProxy",
         }
     }
@@ -130,7 +145,25 @@ impl Way {
             Way::Direct => format!("10.77.1.{SERVER_HOST}"),
             Way::Ferry => VIP.to_string(),
             Way::FerryCopy => VIP_COPY.to_string(),
+            Way::Redirect => VIP_REDIRECT.to_string(),
             Way::Haproxy => HAPROXY_ADDR.to_string(),
+        }
+    }
+
+    /// The client's cgroup: only the eBPF ways run it in the enrolled one.
+    fn group(self) -> Group {
+        match self {
+            Way::Redirect | Way::Haproxy => Group::Other,
+            Way::Direct | Way::Ferry | Way::FerryCopy => Group::Enrolled,
+        }
+    }
+
+    /// Which Ferry (0: splice, 1: copy) serves this way.
+    fn ferry(self) -> Option<usize> {
+        match self {
+            Way::Ferry | Way::Redirect => Some(0),
+            Way::FerryCopy => Some(1),
+            Way::Direct | Way::Haproxy => None,
         }
     }
 }
@@ -165,6 +198,9 @@ struct Measured {
     /// idle connections.
     rss_idle_kib: Option<f64>,
     rss_held_kib: Option<f64>,
+    /// How many idle connections the proxy held when `rss_held_kib` was
+    /// read.
+    idle_held: u64,
 }
 
 impl Measured {
@@ -175,9 +211,9 @@ impl Measured {
         (gb > 0.0).then(|| cpu / gb)
     }
 
-    /// KiB per idle connection.
-    fn kib_per_idle(&self, n: u64) -> Option<f64> {
-        Some((self.rss_held_kib? - self.rss_idle_kib?) / n.max(1) as f64)
+    /// KiB per idle connection held.
+    fn kib_per_idle(&self) -> Option<f64> {
+        Some((self.rss_held_kib? - self.rss_idle_kib?) / self.idle_held.max(1) as f64)
     }
 }
 
@@ -317,7 +353,7 @@ fn bench(
                 )
             };
             let config = t
-                .ferry_config(&services(VIP))
+                .ferry_config(&services(&format!("{VIP}, {VIP_REDIRECT}")))
                 .replace("proxy:\n", "proxy:\n  zero_copy: true\n");
             let ferry = t.start_ferry("ferry", &config)?;
             // The second instance: its own ports and service address; both
@@ -331,11 +367,34 @@ fn bench(
                 .replace("proxy:\n", "proxy:\n  zero_copy: false\n");
             let ferry_copy = t.start_ferry("ferry-copy", &config)?;
             ferry_copy.wait_status("15121", "/ready", 200, Duration::from_secs(20))?;
+            // Clients outside the enrolled cgroup reach Ferry (splice) by
+            // netfilter: REDIRECT to its listener on the node.
+            let node = t.node_netns.clone();
+            ferry_tests::run(
+                "ip",
+                &[
+                    "netns",
+                    "exec",
+                    &node,
+                    "iptables",
+                    "-t",
+                    "nat",
+                    "-A",
+                    "PREROUTING",
+                    "-d",
+                    VIP_REDIRECT,
+                    "-p",
+                    "tcp",
+                    "-j",
+                    "REDIRECT",
+                    "--to-ports",
+                    "15001",
+                ],
+            )?;
             t.add_node_address(&format!("{HAPROXY_ADDR}/32"))?;
             let cfg_path = std::env::temp_dir().join("ferry-bench-haproxy.cfg");
             std::fs::write(&cfg_path, haproxy_config(&server.v4.to_string()))?;
             let cfg = cfg_path.to_string_lossy().into_owned();
-            let node = t.node_netns.clone();
             let haproxy_pid = t.spawn(
                 "haproxy",
                 &node,
@@ -383,12 +442,7 @@ fn bench(
     ready.context("HAProxy is not serving")?;
     // Idle resident memory: before any traffic through Ferry (HAProxy has
     // just served the 10 round trips above).
-    let idle = [
-        None,
-        rss_kib(ferry.pid),
-        rss_kib(ferry_copy.pid),
-        rss_kib(haproxy_pid),
-    ];
+    let idle = Way::ALL.map(|w| run.pid(w).and_then(rss_kib));
     let load = load_average();
     if let Some(one) = load
         .split_whitespace()
@@ -443,7 +497,7 @@ fn bench(
                                 "--connect-timeout",
                                 "5000",
                             ];
-                            run.exec(&iperf3, &args, plan.iperf_seconds + 30)
+                            run.exec(way, &iperf3, &args, plan.iperf_seconds + 30)
                         })?;
                         let (bps, retransmits, bytes) = parse_iperf(&out)?;
                         round[i].gbit_per_s[k] = bps / 1e9;
@@ -529,6 +583,7 @@ fn bench(
     )?;
 
     let mut held = [None; WAYS];
+    let mut held_count = [0u64; WAYS];
     steps.run(
         stop,
         &format!(
@@ -537,7 +592,8 @@ fn bench(
         ),
         || {
             for (i, way) in Way::ALL.into_iter().enumerate().skip(1) {
-                held[i] = run.hold_idle(&bins.testkit, way, plan.idle_connections)?;
+                (held[i], held_count[i]) =
+                    run.hold_idle(&bins.testkit, way, plan.idle_connections)?;
                 println!(
                     "    {:<14} idle {:>8} KiB   holding {}: {:>8} KiB",
                     way.label(),
@@ -555,6 +611,7 @@ fn bench(
         *m = median_of(&rounds, i);
         m.rss_idle_kib = idle[i];
         m.rss_held_kib = held[i];
+        m.idle_held = held_count[i];
     }
     steps.run(stop, "Results", || {
         if plan.rounds > 1 {
@@ -648,6 +705,7 @@ fn median_of(rounds: &[[Measured; WAYS]], i: usize) -> Measured {
         }),
         rss_idle_kib: None,
         rss_held_kib: None,
+        idle_held: 0,
     }
 }
 
@@ -681,10 +739,10 @@ struct Runner<'a> {
 }
 
 impl Runner<'_> {
-    fn exec(&self, program: &Path, args: &[&str], timeout_secs: u64) -> Result<String> {
+    fn exec(&self, way: Way, program: &Path, args: &[&str], timeout_secs: u64) -> Result<String> {
         self.t.exec_bounded(
             &self.client.netns,
-            Group::Enrolled,
+            way.group(),
             program,
             args,
             Duration::from_secs(timeout_secs),
@@ -696,7 +754,7 @@ impl Runner<'_> {
     fn pid(&self, way: Way) -> Option<u32> {
         match way {
             Way::Direct => None,
-            Way::Ferry => Some(self.ferry.pid),
+            Way::Ferry | Way::Redirect => Some(self.ferry.pid),
             Way::FerryCopy => Some(self.ferry_copy.pid),
             Way::Haproxy => Some(self.haproxy_pid),
         }
@@ -705,10 +763,10 @@ impl Runner<'_> {
     /// Opens `n` idle connections through `way` and returns the proxy's
     /// resident memory (KiB) once it holds them all (both of its sockets
     /// for each).
-    fn hold_idle(&self, testkit: &Path, way: Way, n: u64) -> Result<Option<f64>> {
+    fn hold_idle(&self, testkit: &Path, way: Way, n: u64) -> Result<(Option<f64>, u64)> {
         use std::io::BufRead;
         let Some(pid) = self.pid(way) else {
-            return Ok(None);
+            return Ok((None, 0));
         };
         let release = std::env::temp_dir().join(format!("ferry-bench-release-{pid}"));
         let _ = std::fs::remove_file(&release);
@@ -720,7 +778,7 @@ impl Runner<'_> {
             .t
             .command(
                 &self.client.netns,
-                Group::Enrolled,
+                way.group(),
                 testkit,
                 &[
                     "idle-client",
@@ -765,21 +823,41 @@ impl Runner<'_> {
                     bail!("idle-client did not open {n} connections in time");
                 }
             }
-            // Both of the proxy's sockets for every connection exist once
-            // it has accepted and connected them all.
-            let want = base_fds + 2 * n as usize;
+            // Wait until the proxy holds them all (Ferry counts them; for
+            // HAProxy, both sockets of each exist), or until the count has
+            // not moved for a second (then report what it holds).
+            let active = format!(r#"ferry_connections_active{{service="{SERVICE}"}}"#);
+            let held = || -> Result<u64> {
+                Ok(match way.ferry() {
+                    Some(0) => metric_value(&self.ferry.metrics()?, &active) as u64,
+                    Some(_) => {
+                        metric_value(&self.ferry_copy.http_metrics("15120")?, &active) as u64
+                    }
+                    None => (open_fds(pid).saturating_sub(base_fds) / 2) as u64,
+                })
+            };
             let deadline = std::time::Instant::now() + Duration::from_secs(60);
-            while open_fds(pid) < want {
+            let (mut last, mut still) = (0, 0);
+            loop {
+                let now = held()?;
+                still = if now == last { still + 1 } else { 0 };
+                last = now;
+                if now >= n || (now > 0 && still >= 20) {
+                    break;
+                }
                 if self.stop.is_set() || std::time::Instant::now() > deadline {
-                    bail!(
-                        "{} holds {} descriptors, expected at least {want}",
-                        way.label(),
-                        open_fds(pid)
-                    );
+                    bail!("{} holds only {now} of {n} connections", way.label());
                 }
                 std::thread::sleep(Duration::from_millis(50));
             }
-            Ok(rss_kib(pid))
+            if last < n {
+                println!(
+                    "    note: {} holds {last} of the {n} idle connections; memory per \
+                     connection is computed over {last}",
+                    way.label()
+                );
+            }
+            Ok((rss_kib(pid), last))
         })();
         let _ = std::fs::write(&release, b"");
         let deadline = std::time::Instant::now() + Duration::from_secs(30);
@@ -825,7 +903,7 @@ impl Runner<'_> {
         if new_connection {
             args.push("--new-connection");
         }
-        let rr = parse_rr(&self.exec(testkit, &args, RR_MAX_SECONDS + 30)?)?;
+        let rr = parse_rr(&self.exec(way, testkit, &args, RR_MAX_SECONDS + 30)?)?;
         if rr.count < count {
             println!(
                 "    note: {} stopped after {RR_MAX_SECONDS} s with {} of {count} done",
@@ -861,19 +939,18 @@ impl Runner<'_> {
             _ => None,
         };
         let after = counts()?;
-        for (k, who) in [(0, Way::Ferry), (1, Way::FerryCopy)] {
+        for (k, who) in [(0, "Ferry (splice)"), (1, "Ferry (copy)")] {
             let delta = after[k] - before[k];
-            if who == way && delta < min_opened as f64 {
+            if way.ferry() == Some(k) && delta < min_opened as f64 {
                 bail!(
-                    "{} accepted only {delta} connections during a run through it \
+                    "{who} accepted only {delta} connections during a {} run \
                      (expected at least {min_opened})",
-                    who.label()
+                    way.label()
                 );
             }
-            if who != way && delta != 0.0 {
+            if way.ferry() != Some(k) && delta != 0.0 {
                 bail!(
-                    "{} accepted {delta} connections during a {} run",
-                    who.label(),
+                    "{who} accepted {delta} connections during a {} run",
                     way.label()
                 );
             }
@@ -968,7 +1045,7 @@ fn columns() -> Vec<Column> {
         },
         Column {
             name: "KiB per idle conn",
-            get: |m, p| m.kib_per_idle(p.idle_connections),
+            get: |m, _| m.kib_per_idle(),
             digits: 2,
         },
         Column {
@@ -1143,6 +1220,11 @@ fn results_markdown(
          - **Ferry copy**: a second Ferry process (same binary, `proxy.zero_copy: false`, \
          listener `:15101`) captures `{VIP_COPY}` the same way and relays by copying through \
          a per-thread buffer.\n\
+         - **iptables->Ferry**: the client runs outside the enrolled cgroup (no eBPF capture) \
+         and connects to `{VIP_REDIRECT}`, another address of the same service; an iptables \
+         `nat PREROUTING REDIRECT` rule in the node namespace sends it to the splice Ferry's \
+         listener, which finds no eBPF record and reads the destination with \
+         `SO_ORIGINAL_DST`. What eBPF capture saves is the difference to **Ferry splice**.\n\
          - **HAProxy**: Debian's HAProxy in TCP mode, in the node namespace, listening on \
          `{HAPROXY_ADDR}` (the node's loopback), one `listen` section per port with the server \
          pod as its only server.\n\n\
@@ -1217,6 +1299,17 @@ fn results_markdown(
             s.push('\n');
         }
     }
+    s.push_str(&format!(
+        "\nIdle connections each proxy held when its memory was read (of {}): {}.\n",
+        plan.idle_connections,
+        Way::ALL
+            .iter()
+            .zip(medians)
+            .skip(1)
+            .map(|(w, m)| format!("{} {}", w.label(), m.idle_held))
+            .collect::<Vec<_>>()
+            .join(", ")
+    ));
     s.push_str(
         "\nFor throughput and connections per second higher is better; for latencies, memory \
          and CPU lower is better. `-`: not applicable (direct has no proxy process).\n",
@@ -1311,9 +1404,10 @@ mod tests {
             gbit_per_s: [g, g],
             ..Default::default()
         };
-        let mut medians = [mk(20.0), mk(5.0), mk(4.0), mk(2.5)];
+        let mut medians = [mk(20.0), mk(5.0), mk(4.0), mk(4.5), mk(2.5)];
         medians[1].rss_idle_kib = Some(1024.0);
-        medians[1].rss_held_kib = Some(1024.0 + 10_000.0 * 4.0);
+        medians[1].rss_held_kib = Some(1024.0 + 9_900.0 * 4.0);
+        medians[1].idle_held = 9_900;
         medians[1].ferry_cpu = [Some(1.0), Some(1.0), None, None];
         medians[1].bytes = [1e9, 1e9];
         let machine = Machine {

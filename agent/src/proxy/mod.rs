@@ -2,6 +2,7 @@
 //! going, pick an endpoint by weight, connect, relay.
 
 pub mod lean;
+pub mod original_dst;
 pub mod relay;
 
 use std::net::SocketAddr;
@@ -57,7 +58,9 @@ impl Failure {
     }
 }
 
-/// How the proxy learns a connection's original destination.
+/// How the proxy learns a connection's original destination. Both ways
+/// fall back to netfilter's record (`SO_ORIGINAL_DST`) for a connection
+/// sent to Ferry by iptables `REDIRECT`/`DNAT` instead of eBPF capture.
 #[derive(Debug, Clone)]
 pub enum Destinations {
     /// From the eBPF capture's connection map.
@@ -68,16 +71,29 @@ pub enum Destinations {
 }
 
 impl Destinations {
-    fn original(&self, peer: SocketAddr, local: SocketAddr) -> Result<Option<SocketAddr>, Failure> {
+    fn original(
+        &self,
+        stream: &TcpStream,
+        peer: SocketAddr,
+        local: SocketAddr,
+    ) -> Result<Option<SocketAddr>, Failure> {
+        let netfilter = || match original_dst::original_dst(stream, local) {
+            Ok(o) => Ok(o),
+            Err(e) => {
+                warn!(error = %e, "original destination lookup failed");
+                Err(Failure::LookupError)
+            }
+        };
         match self {
             Destinations::Ebpf(c) => match c.take_original(peer) {
-                Ok(o) => Ok(o.map(|o| o.dst)),
+                Ok(Some(o)) => Ok(Some(o.dst)),
+                Ok(None) => netfilter(),
                 Err(e) => {
                     warn!(error = %e, "original destination lookup failed");
                     Err(Failure::LookupError)
                 }
             },
-            Destinations::LocalAddress => Ok(Some(local)),
+            Destinations::LocalAddress => Ok(Some(netfilter()?.unwrap_or(local))),
         }
     }
 }
@@ -172,7 +188,7 @@ impl Proxy {
                 return;
             }
         };
-        let dst = match self.destinations.original(peer, local) {
+        let dst = match self.destinations.original(&client, peer, local) {
             Ok(Some(d)) => d,
             Ok(None) => {
                 warn!("no original destination recorded for this connection; closing it");
