@@ -76,10 +76,13 @@ pub async fn run(config: Config, config_path: Option<PathBuf>) -> Result<(), App
     };
     start_snapshot_tasks(&state.load(), mark, &config.dns, &dns);
 
-    let outbound = proxy::bind(config.listeners.outbound)?;
+    // One listener per worker thread (SO_REUSEPORT), each with its own
+    // accept loop: the kernel spreads connections over them.
+    let workers = tokio::runtime::Handle::current().metrics().num_workers();
+    let outbound = proxy::bind_many(config.listeners.outbound, workers)?;
     let metrics_listener = metrics::bind("metrics", config.listeners.metrics).await?;
     let ready_listener = metrics::bind("readiness", config.listeners.readiness).await?;
-    let outbound_port = outbound
+    let outbound_port = outbound[0]
         .local_addr()
         .map(|a| a.port())
         .unwrap_or(config.listeners.outbound.port());
@@ -130,16 +133,22 @@ pub async fn run(config: Config, config_path: Option<PathBuf>) -> Result<(), App
     let tracker = TaskTracker::new();
     let stop_accepting = CancellationToken::new();
     let kill = CancellationToken::new();
-    let accept = tokio::spawn(proxy.clone().serve(
-        outbound,
-        tracker.clone(),
-        stop_accepting.clone(),
-        kill.clone(),
-    ));
+    let accept: Vec<_> = outbound
+        .into_iter()
+        .map(|listener| {
+            tokio::spawn(proxy.clone().serve(
+                listener,
+                tracker.clone(),
+                stop_accepting.clone(),
+                kill.clone(),
+            ))
+        })
+        .collect();
     ready.set(true);
     info!(
         node = %config.node_name,
         outbound = %config.listeners.outbound,
+        workers,
         metrics = %config.listeners.metrics,
         readiness = %config.listeners.readiness,
         services = config.services.len(),
@@ -186,7 +195,9 @@ pub async fn run(config: Config, config_path: Option<PathBuf>) -> Result<(), App
     // Drain.
     ready.set(false);
     stop_accepting.cancel();
-    let _ = accept.await;
+    for a in accept {
+        let _ = a.await;
+    }
     tracker.close();
     let deadline = current.proxy.drain_deadline;
     let open = tracker.len();

@@ -98,6 +98,9 @@ impl Destinations {
     }
 }
 
+/// Connection ids, shared by every accept loop.
+static NEXT_ID: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
 /// What every connection task needs.
 #[derive(Debug)]
 pub struct Proxy {
@@ -113,6 +116,28 @@ pub struct Proxy {
 
 /// Binds the outbound listener. A `[::]` address is made dual-stack.
 pub fn bind(addr: SocketAddr) -> Result<TcpListener, ProxyError> {
+    bind_one(addr, false)
+}
+
+/// Binds `n` (at least one) outbound listeners on the same address and port
+/// with `SO_REUSEPORT`: the kernel spreads new connections over them by flow
+/// hash, so each worker thread's accept loop gets its share instead of one
+/// loop accepting for all. Port 0 picks one port for all of them.
+pub fn bind_many(addr: SocketAddr, n: usize) -> Result<Vec<TcpListener>, ProxyError> {
+    let first = bind_one(addr, true)?;
+    let port = first
+        .local_addr()
+        .map_err(|source| ProxyError::Bind { addr, source })?
+        .port();
+    let mut all = vec![first];
+    let same = SocketAddr::new(addr.ip(), port);
+    for _ in 1..n.max(1) {
+        all.push(bind_one(same, true)?);
+    }
+    Ok(all)
+}
+
+fn bind_one(addr: SocketAddr, reuse_port: bool) -> Result<TcpListener, ProxyError> {
     let err = |source| ProxyError::Bind { addr, source };
     let sock = socket2::Socket::new(
         socket2::Domain::for_address(addr),
@@ -124,6 +149,9 @@ pub fn bind(addr: SocketAddr) -> Result<TcpListener, ProxyError> {
         sock.set_only_v6(false).map_err(err)?;
     }
     sock.set_reuse_address(true).map_err(err)?;
+    if reuse_port {
+        sock.set_reuse_port(true).map_err(err)?;
+    }
     sock.set_nonblocking(true).map_err(err)?;
     sock.set_tcp_nodelay(true).map_err(err)?;
     sock.bind(&addr.into()).map_err(err)?;
@@ -140,7 +168,6 @@ impl Proxy {
         stop: CancellationToken,
         kill: CancellationToken,
     ) {
-        let mut next_id: u64 = 0;
         loop {
             let (stream, peer) = tokio::select! {
                 _ = stop.cancelled() => break,
@@ -154,10 +181,10 @@ impl Proxy {
                     }
                 },
             };
-            next_id += 1;
+            let id = NEXT_ID.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1;
             let span = info_span!(
                 "conn",
-                id = next_id,
+                id,
                 client = %peer,
                 dst = tracing::field::Empty,
                 service = tracing::field::Empty,
