@@ -161,8 +161,9 @@ impl Way {
     /// Which Ferry (0: splice, 1: copy) serves this way.
     fn ferry(self) -> Option<usize> {
         match self {
-            Way::Ferry | Way::Redirect => Some(0),
+            Way::Ferry => Some(0),
             Way::FerryCopy => Some(1),
+            Way::Redirect => Some(2),
             Way::Direct | Way::Haproxy => None,
         }
     }
@@ -340,9 +341,9 @@ fn bench(
     )?;
     let t = slot.as_mut().context("the topology was just created")?;
 
-    let (ferry, ferry_copy, haproxy_pid) = steps.run(
+    let (ferry, ferry_copy, ferry_redirect, haproxy_pid) = steps.run(
         stop,
-        "Start Ferry twice (splice, copy; release build) and HAProxy",
+        "Start Ferry three times (splice, copy, REDIRECT target; release build) and HAProxy",
         || {
             let services = |vip: &str| {
                 format!(
@@ -353,7 +354,7 @@ fn bench(
                 )
             };
             let config = t
-                .ferry_config(&services(&format!("{VIP}, {VIP_REDIRECT}")))
+                .ferry_config(&services(VIP))
                 .replace("proxy:\n", "proxy:\n  zero_copy: true\n");
             let ferry = t.start_ferry("ferry", &config)?;
             // The second instance: its own ports and service address; both
@@ -367,8 +368,20 @@ fn bench(
                 .replace("proxy:\n", "proxy:\n  zero_copy: false\n");
             let ferry_copy = t.start_ferry("ferry-copy", &config)?;
             ferry_copy.wait_status("15121", "/ready", 200, Duration::from_secs(20))?;
-            // Clients outside the enrolled cgroup reach Ferry (splice) by
-            // netfilter: REDIRECT to its listener on the node.
+            // The third: no eBPF capture; clients outside the enrolled
+            // cgroup reach it by netfilter, REDIRECT to its listener. (Its
+            // own port: REDIRECTed flows' conntrack entries would clash with
+            // eBPF-captured flows to the same listener, and netfilter then
+            // remaps their source ports.)
+            let config = t
+                .ferry_config(&services(VIP_REDIRECT))
+                .replace("capture:\n", "capture:\n  enabled: false\n")
+                .replace("[::]:15001", "[::]:15201")
+                .replace("0.0.0.0:15020", "0.0.0.0:15220")
+                .replace("0.0.0.0:15021", "0.0.0.0:15221")
+                .replace("proxy:\n", "proxy:\n  zero_copy: true\n");
+            let ferry_redirect = t.start_ferry("ferry-redirect", &config)?;
+            ferry_redirect.wait_status("15221", "/ready", 200, Duration::from_secs(20))?;
             let node = t.node_netns.clone();
             ferry_tests::run(
                 "ip",
@@ -388,7 +401,7 @@ fn bench(
                     "-j",
                     "REDIRECT",
                     "--to-ports",
-                    "15001",
+                    "15201",
                 ],
             )?;
             t.add_node_address(&format!("{HAPROXY_ADDR}/32"))?;
@@ -404,16 +417,19 @@ fn bench(
             )?;
             println!(
                 "    {} (pid {}, splice): {VIP} -> {}\n    same binary (pid {}, copy): \
-                 {VIP_COPY} -> {}\n    {} (pid {haproxy_pid}): {HAPROXY_ADDR} -> {}",
+                 {VIP_COPY} -> {}\n    same binary (pid {}, no eBPF, iptables REDIRECT): \
+                 {VIP_REDIRECT} -> {}\n    {} (pid {haproxy_pid}): {HAPROXY_ADDR} -> {}",
                 bins.ferry.display(),
                 ferry.pid,
                 server.v4,
                 ferry_copy.pid,
                 server.v4,
+                ferry_redirect.pid,
+                server.v4,
                 haproxy.display(),
                 server.v4
             );
-            Ok((ferry, ferry_copy, haproxy_pid))
+            Ok((ferry, ferry_copy, ferry_redirect, haproxy_pid))
         },
     )?;
     let t = &*t;
@@ -424,8 +440,7 @@ fn bench(
     let run = Runner {
         t,
         stop,
-        ferry: &ferry,
-        ferry_copy: &ferry_copy,
+        ferries: [&ferry, &ferry_copy, &ferry_redirect],
         haproxy_pid,
         client: &client,
         clk_tck,
@@ -731,8 +746,8 @@ fn cpu_note(cpu: Option<f64>, wall: f64) -> String {
 struct Runner<'a> {
     t: &'a Topology,
     stop: &'a Stop,
-    ferry: &'a Ferry,
-    ferry_copy: &'a Ferry,
+    /// Ferry splice, Ferry copy, Ferry for iptables REDIRECT.
+    ferries: [&'a Ferry; 3],
     haproxy_pid: u32,
     client: &'a Pod,
     clk_tck: f64,
@@ -754,8 +769,7 @@ impl Runner<'_> {
     fn pid(&self, way: Way) -> Option<u32> {
         match way {
             Way::Direct => None,
-            Way::Ferry | Way::Redirect => Some(self.ferry.pid),
-            Way::FerryCopy => Some(self.ferry_copy.pid),
+            Way::Ferry | Way::FerryCopy | Way::Redirect => way.ferry().map(|k| self.ferries[k].pid),
             Way::Haproxy => Some(self.haproxy_pid),
         }
     }
@@ -829,10 +843,7 @@ impl Runner<'_> {
             let active = format!(r#"ferry_connections_active{{service="{SERVICE}"}}"#);
             let held = || -> Result<u64> {
                 Ok(match way.ferry() {
-                    Some(0) => metric_value(&self.ferry.metrics()?, &active) as u64,
-                    Some(_) => {
-                        metric_value(&self.ferry_copy.http_metrics("15120")?, &active) as u64
-                    }
+                    Some(k) => metric_value(&self.metrics(k)?, &active) as u64,
                     None => (open_fds(pid).saturating_sub(base_fds) / 2) as u64,
                 })
             };
@@ -924,10 +935,11 @@ impl Runner<'_> {
         f: impl FnOnce() -> Result<T>,
     ) -> Result<(T, Option<f64>)> {
         let opened = format!(r#"ferry_connections_opened_total{{service="{SERVICE}"}}"#);
-        let counts = || -> Result<[f64; 2]> {
+        let counts = || -> Result<[f64; 3]> {
             Ok([
-                metric_value(&self.ferry.metrics()?, &opened),
-                metric_value(&self.ferry_copy.http_metrics("15120")?, &opened),
+                metric_value(&self.metrics(0)?, &opened),
+                metric_value(&self.metrics(1)?, &opened),
+                metric_value(&self.metrics(2)?, &opened),
             ])
         };
         let before = counts()?;
@@ -939,7 +951,11 @@ impl Runner<'_> {
             _ => None,
         };
         let after = counts()?;
-        for (k, who) in [(0, "Ferry (splice)"), (1, "Ferry (copy)")] {
+        for (k, who) in [
+            (0, "Ferry (splice)"),
+            (1, "Ferry (copy)"),
+            (2, "Ferry (REDIRECT target)"),
+        ] {
             let delta = after[k] - before[k];
             if way.ferry() == Some(k) && delta < min_opened as f64 {
                 bail!(
@@ -958,6 +974,16 @@ impl Runner<'_> {
         Ok((value, cpu))
     }
 
+    /// The metrics of Ferry `k` (each has its own admin port).
+    fn metrics(&self, k: usize) -> Result<String> {
+        let port = ["15020", "15120", "15220"][k];
+        let (code, body) = self.ferries[k].http(port, "/metrics")?;
+        if code != 200 {
+            bail!("/metrics on {port} answered {code}");
+        }
+        Ok(body)
+    }
+
     /// A process's user + system CPU time so far, from /proc.
     fn cpu_seconds(&self, pid: u32) -> Option<f64> {
         let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
@@ -968,21 +994,6 @@ impl Runner<'_> {
         let utime: f64 = fields.get(11)?.parse().ok()?;
         let stime: f64 = fields.get(12)?.parse().ok()?;
         Some((utime + stime) / self.clk_tck)
-    }
-}
-
-/// Ferry's admin HTTP on another port than the harness's default.
-trait MetricsOn {
-    fn http_metrics(&self, port: &str) -> Result<String>;
-}
-
-impl MetricsOn for Ferry {
-    fn http_metrics(&self, port: &str) -> Result<String> {
-        let (code, body) = self.http(port, "/metrics")?;
-        if code != 200 {
-            bail!("/metrics on {port} answered {code}");
-        }
-        Ok(body)
     }
 }
 
@@ -1221,10 +1232,12 @@ fn results_markdown(
          listener `:15101`) captures `{VIP_COPY}` the same way and relays by copying through \
          a per-thread buffer.\n\
          - **iptables->Ferry**: the client runs outside the enrolled cgroup (no eBPF capture) \
-         and connects to `{VIP_REDIRECT}`, another address of the same service; an iptables \
-         `nat PREROUTING REDIRECT` rule in the node namespace sends it to the splice Ferry's \
-         listener, which finds no eBPF record and reads the destination with \
-         `SO_ORIGINAL_DST`. What eBPF capture saves is the difference to **Ferry splice**.\n\
+         and connects to `{VIP_REDIRECT}`; an iptables `nat PREROUTING REDIRECT` rule in the \
+         node namespace sends it to a third Ferry process (no eBPF capture, splice relay, \
+         listener `:15201`), which reads the destination with `SO_ORIGINAL_DST`. What eBPF \
+         capture saves is the difference to **Ferry splice**. (A separate listener, because \
+         conntrack entries of REDIRECTed flows to the same listener clash with eBPF-captured \
+         flows, and netfilter then remaps their source ports.)\n\
          - **HAProxy**: Debian's HAProxy in TCP mode, in the node namespace, listening on \
          `{HAPROXY_ADDR}` (the node's loopback), one `listen` section per port with the server \
          pod as its only server.\n\n\
