@@ -312,6 +312,25 @@ fn bench(
             let t = slot.insert(Topology::new("bench")?);
             let client = t.add_pod("client", CLIENT_HOST)?;
             let server = t.add_pod("server", SERVER_HOST)?;
+            // Thousands of short connections per run, all to one server
+            // port: with the default port range and no TIME_WAIT reuse, every
+            // connecting side (the client; each proxy, from the node) soon
+            // spends its CPU searching for a free ephemeral port. The same
+            // settings for every way.
+            for ns in [&t.node_netns.clone(), &client.netns] {
+                ferry_tests::run(
+                    "ip",
+                    &[
+                        "netns",
+                        "exec",
+                        ns,
+                        "sysctl",
+                        "-qw",
+                        "net.ipv4.ip_local_port_range=1024 65535",
+                        "net.ipv4.tcp_tw_reuse=1",
+                    ],
+                )?;
+            }
             let port = IPERF_PORT.to_string();
             t.spawn(
                 "iperf3-server",
@@ -1253,7 +1272,14 @@ fn results_markdown(
          - Resident memory: `VmRSS` of the proxy process right after start (idle, before any \
          traffic), and while `ferry-testkit idle-client` holds {} idle connections through it \
          (measured once the proxy holds both sockets of every one); per idle connection is \
-         (held − idle) / {}.\n\
+         (held − idle) / connections held. (9,900, not 10,000: a proxied connection takes two \
+         descriptors and the hard open-file limit here is 20,000, which root cannot raise \
+         without CAP_SYS_RESOURCE.)\n\
+         - In the client and node namespaces: `net.ipv4.ip_local_port_range=1024 65535` and \
+         `net.ipv4.tcp_tw_reuse=1`, for every way: the new-connection runs open tens of \
+         thousands of connections to one server port within TIME_WAIT's minute, and otherwise \
+         each connecting side (client, and each proxy from the node) ends up burning CPU in \
+         the search for a free ephemeral port.\n\
          - CPU per GB: the proxy's utime + stime (`/proc/PID/stat`) during both throughput \
          tests, divided by the bytes they moved.\n\n",
         plan.iperf_seconds,
@@ -1265,7 +1291,6 @@ fn results_markdown(
             .join(", "),
         plan.round_trips,
         plan.connections,
-        plan.idle_connections,
         plan.idle_connections,
     ));
     s.push_str("## Results\n\n");
