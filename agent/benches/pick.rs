@@ -5,11 +5,16 @@
 //! `cargo bench -p ferry-agent --bench pick [-- --write PATH] [--quick]`
 //!
 //! Each case warms up (100k picks), then times picks in batches until 2M
-//! picks or 2 s, whichever comes first. The pick goes through the public
+//! picks or 2 s (wall), whichever comes first; ns/pick is the thread's CPU
+//! time (`CLOCK_THREAD_CPUTIME_ID`) over the picks, so that time spent
+//! descheduled on a busy machine is not counted (cache interference from
+//! other work still is). The pick goes through the public
 //! API exactly as the proxy calls it (view load, algorithm, live
 //! availability check, `Member` clone), from a set built with
 //! `SetBalancer::new` and a policy parsed from YAML. Endpoints are idle
-//! (no active connections, no latency samples), so P2C compares equal costs.
+//! (no active connections); P2C runs twice: with no latency samples (costs
+//! read as the default) and with one sample per endpoint (`+rtt`: every cost
+//! read decays the estimate to now, as in production).
 
 use std::hint::black_box;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
@@ -20,11 +25,13 @@ use ferry::balance::{Registry, SetBalancer};
 use ferry::config::{self, Locality, Policy};
 
 const SIZES: [usize; 3] = [10, 1_000, 100_000];
-const ALGORITHMS: [&str; 4] = [
-    "p2c_peak_ewma",
-    "least_connections",
-    "round_robin",
-    "random",
+/// (label, algorithm, endpoints have latency samples).
+const CASES: [(&str, &str, bool); 5] = [
+    ("p2c_peak_ewma", "p2c_peak_ewma", false),
+    ("p2c_peak_ewma+rtt", "p2c_peak_ewma", true),
+    ("least_connections", "least_connections", false),
+    ("round_robin", "round_robin", false),
+    ("random", "random", false),
 ];
 const TARGET_NS: f64 = 200.0;
 
@@ -80,12 +87,30 @@ fn build(algorithm: &str, n: usize, varied: bool) -> Arc<SetBalancer> {
 }
 
 /// Picks on this thread; returns (picks, elapsed).
+/// CPU time this thread has used: unlike wall time, it leaves out time the
+/// thread spent descheduled, so a busy machine disturbs the figures less.
+fn thread_cpu() -> Duration {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: `ts` is a valid, writable timespec; CLOCK_THREAD_CPUTIME_ID
+    // is supported on Linux; the call only writes `ts`.
+    let rc = unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut ts) };
+    if rc != 0 {
+        return Duration::ZERO;
+    }
+    Duration::new(ts.tv_sec as u64, ts.tv_nsec as u32)
+}
+
+/// Picks on this thread; returns (picks, thread CPU time).
 fn run(set: &SetBalancer, b: Budget) -> (u64, Duration) {
     for _ in 0..b.warmup {
         black_box(set.pick(black_box(&[])));
     }
     const BATCH: u64 = 10_000;
     let start = Instant::now();
+    let cpu = thread_cpu();
     let mut picks = 0;
     while picks < b.max_picks && start.elapsed() < b.max_time {
         for _ in 0..BATCH {
@@ -93,7 +118,7 @@ fn run(set: &SetBalancer, b: Budget) -> (u64, Duration) {
         }
         picks += BATCH;
     }
-    (picks, start.elapsed())
+    (picks, thread_cpu() - cpu)
 }
 
 fn ns_per_pick(picks: u64, t: Duration) -> f64 {
@@ -132,16 +157,24 @@ fn main() {
 
     let mut rows = Vec::new();
     println!(
-        "{:<18} {:<7} {:>9} {:>7} {:>9} {:>9}",
+        "{:<20} {:<7} {:>9} {:>7} {:>9} {:>9}",
         "algorithm", "weights", "endpoints", "threads", "ns/pick", "picks"
     );
-    for algorithm in ALGORITHMS {
+    for (label, algorithm, sampled) in CASES {
         for (weights, varied) in [("equal", false), ("varied", true)] {
             for n in SIZES {
                 let set = build(algorithm, n, varied);
+                if sampled {
+                    // Every endpoint has connected once (0.5-1.5 ms), so
+                    // each cost read decays the estimate to now.
+                    let view = set.view();
+                    for (i, m) in view.members.iter().enumerate() {
+                        set.report_success(m, Duration::from_micros(500 + (i as u64 % 1000)));
+                    }
+                }
                 let (picks, t) = run(&set, budget);
                 let row = Row {
-                    algorithm,
+                    algorithm: label,
                     weights,
                     endpoints: n,
                     threads: 1,
@@ -152,7 +185,7 @@ fn main() {
                 rows.push(row);
                 if algorithm == "p2c_peak_ewma" {
                     // Two threads picking from the same set at once; the
-                    // figure is wall time per pick on each thread.
+                    // figure is CPU time per pick on the slower thread.
                     let barrier = Arc::new(Barrier::new(2));
                     let handles: Vec<_> = (0..2)
                         .map(|_| {
@@ -173,7 +206,7 @@ fn main() {
                         .map(|(p, t)| ns_per_pick(*p, *t))
                         .fold(0.0, f64::max);
                     let row = Row {
-                        algorithm,
+                        algorithm: label,
                         weights,
                         endpoints: n,
                         threads: 2,
@@ -241,6 +274,7 @@ fn diagnostics(b: Budget) {
             f();
         }
         let start = Instant::now();
+        let cpu = thread_cpu();
         let mut picks = 0u64;
         while picks < b.max_picks && start.elapsed() < b.max_time {
             for _ in 0..10_000 {
@@ -248,7 +282,7 @@ fn diagnostics(b: Budget) {
             }
             picks += 10_000;
         }
-        ns_per_pick(picks, start.elapsed())
+        ns_per_pick(picks, thread_cpu() - cpu)
     };
     let mut rng = rand::rngs::SmallRng::seed_from_u64(7);
     println!("diagnostics at {n} endpoints, equal weights, 1 thread (ns per operation):");
@@ -340,7 +374,7 @@ fn diagnostics(b: Budget) {
 
 fn print_row(r: &Row) {
     println!(
-        "{:<18} {:<7} {:>9} {:>7} {:>9.1} {:>9}",
+        "{:<20} {:<7} {:>9} {:>7} {:>9.1} {:>9}",
         r.algorithm, r.weights, r.endpoints, r.threads, r.ns, r.picks
     );
 }

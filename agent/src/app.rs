@@ -12,7 +12,7 @@ use std::sync::Arc;
 
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
-use tracing::{error, info, warn};
+use tracing::{debug, error, info, warn};
 
 use crate::balance::dns::DnsState;
 use crate::balance::{BalanceMetrics, Registry};
@@ -33,6 +33,10 @@ pub enum AppError {
     Capture(#[from] CaptureError),
     #[error("cannot install signal handler: {0}")]
     Signal(#[source] std::io::Error),
+    #[error(transparent)]
+    Kube(#[from] crate::k8s::KubeError),
+    #[error(transparent)]
+    Preflight(#[from] crate::preflight::PreflightError),
 }
 
 #[derive(Debug)]
@@ -55,6 +59,20 @@ impl EbpfCounterSource for CaptureCounters {
 
 /// Runs the agent until SIGTERM or SIGINT. `config_path` is re-read on SIGHUP.
 pub async fn run(config: Config, config_path: Option<PathBuf>) -> Result<(), AppError> {
+    run_with(config, config_path, None).await
+}
+
+/// Like [`run`]; `raw` (the configuration as written, with overrides) is
+/// what the Kubernetes source validates translated services with, and
+/// SIGHUP re-applies `overrides` to a re-read file.
+pub async fn run_with(
+    mut config: Config,
+    config_path: Option<PathBuf>,
+    raw: Option<(config::RawConfig, config::Overrides)>,
+) -> Result<(), AppError> {
+    if config.capture.enabled {
+        crate::preflight::check()?;
+    }
     use tokio::signal::unix::{SignalKind, signal};
     let mut sigterm = signal(SignalKind::terminate()).map_err(AppError::Signal)?;
     let mut sigint = signal(SignalKind::interrupt()).map_err(AppError::Signal)?;
@@ -68,14 +86,6 @@ pub async fn run(config: Config, config_path: Option<PathBuf>) -> Result<(), App
     let registry = Arc::new(Registry::new(balance_metrics.clone()));
     let dns = Arc::new(DnsState::default());
     metrics.register_dns(&dns.metrics);
-    let state = Arc::new(State::new(Snapshot::build(&config, &registry)));
-    let mark = if config.capture.enabled {
-        config.capture.bypass_mark
-    } else {
-        0
-    };
-    start_snapshot_tasks(&state.load(), mark, &config.dns, &dns);
-
     // One listener per worker thread (SO_REUSEPORT), each with its own
     // accept loop: the kernel spreads connections over them.
     let workers = tokio::runtime::Handle::current().metrics().num_workers();
@@ -86,6 +96,61 @@ pub async fn run(config: Config, config_path: Option<PathBuf>) -> Result<(), App
         .local_addr()
         .map(|a| a.port())
         .unwrap_or(config.listeners.outbound.port());
+
+    let admin_stop = CancellationToken::new();
+    tokio::spawn(metrics::serve_metrics(
+        metrics_listener,
+        metrics.clone(),
+        admin_stop.clone(),
+    ));
+    tokio::spawn(metrics::serve_readiness(
+        ready_listener,
+        ready.clone(),
+        admin_stop.clone(),
+    ));
+    let snapshot_time =
+        prometheus_client::metrics::gauge::Gauge::<f64, std::sync::atomic::AtomicU64>::default();
+    metrics.register_snapshot_time(&snapshot_time);
+
+    // The Kubernetes source: nothing is served before every watch has listed.
+    let kube_stop = CancellationToken::new();
+    let mut kube_rx = None;
+    let mut cgroup_mount = None;
+    if config.source == config::Source::Kubernetes {
+        let kube_metrics = Arc::new(crate::k8s::KubeMetrics::default());
+        metrics.register_kube(&kube_metrics);
+        let (raw, _) = raw.clone().unwrap_or_default();
+        let client = crate::k8s::client().await?;
+        let opts = crate::k8s::Options::new(&config.node_name, raw, config.kubernetes.clone());
+        let mut rx = crate::k8s::spawn(client, opts, kube_metrics, kube_stop.clone());
+        info!(node = %config.node_name, "waiting for the Kubernetes caches to sync");
+        let first = loop {
+            tokio::select! {
+                _ = sigterm.recv() => { info!("SIGTERM before the first sync; bye"); return Ok(()); }
+                _ = sigint.recv() => { info!("SIGINT before the first sync; bye"); return Ok(()); }
+                r = rx.changed() => {
+                    if r.is_err() { break None; }
+                    if let Some(t) = rx.borrow_and_update().clone() { break Some(t); }
+                }
+            }
+        };
+        if let Some(t) = first {
+            apply_translated(&mut config, &t);
+        }
+        if config.capture.enabled {
+            cgroup_mount = Some(crate::capture::cgroup2_mount().map_err(CaptureError::from)?);
+        }
+        kube_rx = Some(rx);
+    }
+
+    let state = Arc::new(State::new(Snapshot::build(&config, &registry)));
+    snapshot_time.set(unix_now());
+    let mark = if config.capture.enabled {
+        config.capture.bypass_mark
+    } else {
+        0
+    };
+    start_snapshot_tasks(&state.load(), mark, &config.dns, &dns);
 
     let capture = if config.capture.enabled {
         Some(Arc::new(Capture::start(
@@ -104,17 +169,13 @@ pub async fn run(config: Config, config_path: Option<PathBuf>) -> Result<(), App
         None => Destinations::LocalAddress,
     };
 
-    let admin_stop = CancellationToken::new();
-    tokio::spawn(metrics::serve_metrics(
-        metrics_listener,
-        metrics.clone(),
-        admin_stop.clone(),
-    ));
-    tokio::spawn(metrics::serve_readiness(
-        ready_listener,
-        ready.clone(),
-        admin_stop.clone(),
-    ));
+    let static_cgroups: Vec<PathBuf> = capture.as_ref().map(|c| c.attached()).unwrap_or_default();
+    let mut cgroups_pending = false;
+    if let (Some(c), Some(mount), Some(rx)) = (&capture, &cgroup_mount, &kube_rx)
+        && let Some(t) = rx.borrow().clone()
+    {
+        cgroups_pending = sync_cgroups(c, mount, &t, &static_cgroups);
+    }
 
     let proxy = Arc::new(Proxy {
         state: state.clone(),
@@ -157,8 +218,54 @@ pub async fn run(config: Config, config_path: Option<PathBuf>) -> Result<(), App
     );
 
     let mut current = config;
+    let mut retry = tokio::time::interval(std::time::Duration::from_secs(1));
+    retry.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
+        let kube_changed = async {
+            match kube_rx.as_mut() {
+                Some(rx) => rx.changed().await.is_ok(),
+                None => std::future::pending().await,
+            }
+        };
         tokio::select! {
+            _ = retry.tick(), if cgroups_pending => {
+                if let (Some(c), Some(mount), Some(rx)) = (&capture, &cgroup_mount, &kube_rx)
+                    && let Some(t) = rx.borrow().clone()
+                {
+                    cgroups_pending = sync_cgroups(c, mount, &t, &static_cgroups);
+                }
+            }
+            ok = kube_changed => {
+                if !ok {
+                    warn!("the Kubernetes source stopped; keeping the last configuration");
+                    kube_rx = None;
+                    continue;
+                }
+                let Some(t) = kube_rx.as_mut().and_then(|rx| rx.borrow_and_update().clone()) else { continue };
+                let mut new = current.clone();
+                apply_translated(&mut new, &t);
+                let snapshot = Snapshot::build(&new, &registry);
+                if let Some(c) = &capture
+                    && let Err(e) = c.sync_services(&snapshot)
+                {
+                    error!(error = %e, "syncing the service map failed; keeping the running configuration");
+                    if let Err(e) = c.sync_services(&state.load()) {
+                        error!(error = %e, "restoring the service map failed");
+                    }
+                    continue;
+                }
+                start_snapshot_tasks(&snapshot, mark, &new.dns, &dns);
+                // As on reload: the replaced snapshot's health checks stop now.
+                let old = state.load();
+                state.store(snapshot);
+                old.stop_token().cancel();
+                snapshot_time.set(unix_now());
+                if let (Some(c), Some(mount)) = (&capture, &cgroup_mount) {
+                    cgroups_pending = sync_cgroups(c, mount, &t, &static_cgroups);
+                }
+                info!(services = new.services.len(), "configuration updated from the Kubernetes API");
+                current = new;
+            }
             _ = sigterm.recv() => { info!("SIGTERM: draining"); break; }
             _ = sigint.recv() => { info!("SIGINT: draining"); break; }
             _ = sighup.recv() => {
@@ -166,9 +273,23 @@ pub async fn run(config: Config, config_path: Option<PathBuf>) -> Result<(), App
                     warn!("SIGHUP ignored: no config file to re-read");
                     continue;
                 };
-                match config::load(path) {
+                let loaded = config::load_raw(path).and_then(|mut r| {
+                    if let Some((_, o)) = &raw {
+                        r.apply_overrides(o);
+                    }
+                    r.validate().map_err(|violations| config::ConfigError::Invalid {
+                        file: path.display().to_string(),
+                        violations,
+                    })
+                });
+                match loaded {
                     Err(e) => error!(error = %e, "reload rejected; keeping the running configuration"),
-                    Ok(new) => {
+                    Ok(mut new) => {
+                        if new.source == config::Source::Kubernetes {
+                            // Services come from the API, not the file.
+                            new.services = current.services.clone();
+                            new.locality = current.locality.clone();
+                        }
                         if new.listeners != current.listeners || new.capture != current.capture {
                             warn!("listeners and capture settings change only on restart; services are reloaded");
                         }
@@ -183,7 +304,13 @@ pub async fn run(config: Config, config_path: Option<PathBuf>) -> Result<(), App
                             continue;
                         }
                         start_snapshot_tasks(&snapshot, mark, &new.dns, &dns);
+                        // The old snapshot lives on while connections hold
+                        // it, but its background work (health checks) stops
+                        // now: the new snapshot's tasks took over.
+                        let old = state.load();
                         state.store(snapshot);
+                        old.stop_token().cancel();
+                        snapshot_time.set(unix_now());
                         info!(services = new.services.len(), "configuration reloaded");
                         current = new;
                     }
@@ -217,10 +344,43 @@ pub async fn run(config: Config, config_path: Option<PathBuf>) -> Result<(), App
     }
     admin_stop.cancel();
     maintenance_stop.cancel();
+    kube_stop.cancel();
     drop(proxy);
     drop(capture);
     info!("drained; capture detached; bye");
     Ok(())
+}
+
+/// Puts what the cluster says into a configuration: services and this
+/// node's locality.
+fn apply_translated(config: &mut Config, t: &crate::k8s::Translated) {
+    config.services = t.services.clone();
+    config.locality.zone = t.zone.clone();
+    config.locality.region = t.region.clone();
+}
+
+/// Attaches capture to the enrolled pods' cgroups and detaches it from
+/// pods that are gone; true when some cgroup could not be attached yet.
+fn sync_cgroups(
+    capture: &Capture,
+    mount: &std::path::Path,
+    t: &crate::k8s::Translated,
+    keep: &[PathBuf],
+) -> bool {
+    let wanted: std::collections::BTreeSet<PathBuf> =
+        t.cgroups.iter().map(|c| mount.join(c)).collect();
+    let failed = capture.set_cgroups(&wanted, keep);
+    for (path, e) in &failed {
+        debug!(cgroup = %path.display(), error = %e, "pod cgroup not attached yet; retrying");
+    }
+    !failed.is_empty()
+}
+
+fn unix_now() -> f64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs_f64())
+        .unwrap_or(0.0)
 }
 
 /// Starts the background work a snapshot needs (active health checks, DNS

@@ -34,15 +34,64 @@ pub enum Command {
         /// Worker threads for the proxy (default: one per CPU).
         #[arg(long, env = "FERRY_WORKERS")]
         workers: Option<usize>,
+        #[command(flatten)]
+        overrides: OverrideArgs,
     },
     /// Validate a configuration file and exit; attaches nothing.
     Check {
         /// The configuration file (YAML).
         #[arg(long, short, env = "FERRY_CONFIG")]
         config: PathBuf,
+        #[command(flatten)]
+        overrides: OverrideArgs,
     },
     /// Print the version and whether the eBPF object is embedded.
     Version,
+}
+
+/// Values that replace the file's (the DaemonSet sets them from the
+/// downward API).
+#[derive(Debug, Clone, Default, clap::Args)]
+pub struct OverrideArgs {
+    /// Where services come from: `file` or `kubernetes` (replaces `source:`).
+    #[arg(long, env = "FERRY_SOURCE", value_enum)]
+    pub source: Option<config::Source>,
+    /// This node's name (replaces `node.name`).
+    #[arg(long, env = "FERRY_NODE_NAME")]
+    pub node_name: Option<String>,
+    /// Replaces `capture.redirect_ipv4`.
+    #[arg(long, env = "FERRY_REDIRECT_IPV4")]
+    pub redirect_ipv4: Option<std::net::IpAddr>,
+    /// Replaces `capture.redirect_ipv6`.
+    #[arg(long, env = "FERRY_REDIRECT_IPV6")]
+    pub redirect_ipv6: Option<std::net::IpAddr>,
+}
+
+impl OverrideArgs {
+    fn overrides(&self) -> config::Overrides {
+        config::Overrides {
+            source: self.source,
+            node_name: self.node_name.clone().filter(|n| !n.is_empty()),
+            redirect_ipv4: self.redirect_ipv4,
+            redirect_ipv6: self.redirect_ipv6,
+        }
+    }
+}
+
+/// Reads the file, applies the overrides, validates.
+fn load_with(
+    path: &std::path::Path,
+    o: &config::Overrides,
+) -> Result<(config::Config, config::RawConfig), config::ConfigError> {
+    let mut raw = config::load_raw(path)?;
+    raw.apply_overrides(o);
+    let cfg = raw
+        .validate()
+        .map_err(|violations| config::ConfigError::Invalid {
+            file: path.display().to_string(),
+            violations,
+        })?;
+    Ok((cfg, raw))
 }
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
@@ -96,8 +145,8 @@ pub fn main() -> ExitCode {
             );
             ExitCode::SUCCESS
         }
-        Command::Check { config } => match config::load(&config) {
-            Ok(c) => {
+        Command::Check { config, overrides } => match load_with(&config, &overrides.overrides()) {
+            Ok((c, _)) => {
                 println!(
                     "{}: ok ({} services, {} endpoints, capture {})",
                     config.display(),
@@ -124,12 +173,14 @@ pub fn main() -> ExitCode {
             log,
             log_format,
             workers,
+            overrides,
         } => {
             if let Err(e) = init_logging(&log, log_format) {
                 eprintln!("error: {e}");
                 return ExitCode::from(2);
             }
-            let cfg = match config::load(&path) {
+            let o = overrides.overrides();
+            let (cfg, raw) = match load_with(&path, &o) {
                 Ok(c) => c,
                 Err(e) => {
                     tracing::error!("{}", error_chain(&e));
@@ -148,7 +199,7 @@ pub fn main() -> ExitCode {
                     return ExitCode::FAILURE;
                 }
             };
-            match rt.block_on(crate::app::run(cfg, Some(path))) {
+            match rt.block_on(crate::app::run_with(cfg, Some(path), Some((raw, o)))) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {
                     tracing::error!("{}", error_chain(&e));

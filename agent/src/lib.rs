@@ -7,6 +7,7 @@
 //! * [`balance`]: endpoint choice.
 //! * [`proxy`]: the outbound listener, connect, and the byte relay.
 //! * [`metrics`]: the Prometheus registry and the metrics/readiness servers.
+//! * [`k8s`]: the Kubernetes config source (watches, translation).
 //! * [`app`]: wiring, start-up order, reload and drain.
 //! * [`cli`]: the `ferry` command line.
 
@@ -15,6 +16,8 @@ pub mod balance;
 pub mod capture;
 pub mod cli;
 pub mod config;
+pub mod k8s;
 pub mod metrics;
+pub mod preflight;
 pub mod proxy;
 pub mod state;

@@ -20,6 +20,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 
+pub mod fake_api;
+
 /// Node address on the pod bridge (IPv4).
 pub const NODE_V4: Ipv4Addr = Ipv4Addr::new(10, 77, 1, 1);
 /// Node address on the pod bridge (IPv6).
@@ -349,13 +351,44 @@ impl Topology {
 
     /// A command that runs `program args` in `netns` and in `group`'s cgroup.
     pub fn command(&self, netns: &str, group: Group, program: &Path, args: &[&str]) -> Command {
+        self.command_in(netns, &self.cgroup_dir(group), program, args)
+    }
+
+    /// Runs a command to completion in `netns` and in the cgroup directory
+    /// `cgroup` (absolute); returns stdout.
+    pub fn exec_in(
+        &self,
+        netns: &str,
+        cgroup: &Path,
+        program: &Path,
+        args: &[&str],
+    ) -> Result<String> {
+        let out = self
+            .command_in(netns, cgroup, program, args)
+            .output()
+            .with_context(|| format!("running {} in {netns}", program.display()))?;
+        if !out.status.success() {
+            bail!(
+                "{} {} in {netns} failed ({}): {}",
+                program.display(),
+                args.join(" "),
+                out.status,
+                String::from_utf8_lossy(&out.stderr).trim()
+            );
+        }
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    }
+
+    /// A command that runs `program args` in `netns` and in the cgroup
+    /// directory `cgroup` (absolute).
+    pub fn command_in(&self, netns: &str, cgroup: &Path, program: &Path, args: &[&str]) -> Command {
         let mut c = Command::new("bash");
         // Join the cgroup first, then enter the network namespace (nsenter
         // keeps the mount namespace, so the cgroup2 mount stays visible; `ip
         // netns exec` would remount /sys and hide it).
         c.arg("-c")
             .arg(r#"echo $$ > "$0/cgroup.procs" && exec nsenter --net="/run/netns/$1" "${@:2}""#)
-            .arg(self.cgroup_dir(group))
+            .arg(cgroup)
             .arg(netns)
             .arg(program)
             .args(args);
@@ -491,6 +524,16 @@ impl Topology {
     /// Writes a Ferry config for this topology and starts Ferry in the node
     /// namespace; returns when Ferry reports ready on its readiness port.
     pub fn start_ferry(&mut self, label: &str, config_yaml: &str) -> Result<Ferry> {
+        self.start_ferry_env(label, config_yaml, &[])
+    }
+
+    /// [`Topology::start_ferry`] with extra environment variables.
+    pub fn start_ferry_env(
+        &mut self,
+        label: &str,
+        config_yaml: &str,
+        env: &[(&str, &str)],
+    ) -> Result<Ferry> {
         let path = self.dir.join(format!("{label}.yaml"));
         std::fs::write(&path, config_yaml)?;
         let bin = ferry_binary()?;
@@ -505,6 +548,7 @@ impl Topology {
                 std::env::var("FERRY_LOG").unwrap_or("info".into()),
             )
             .env("NO_COLOR", "1")
+            .envs(env.iter().copied())
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)
             .stderr(log)
@@ -866,6 +910,27 @@ pub fn tcp_request(addr: SocketAddr, req: &[u8], timeout: Duration) -> Result<Ve
     let mut out = Vec::new();
     s.read_to_end(&mut out)?;
     Ok(out)
+}
+
+/// Binds a TCP listener inside the network namespace `netns` (e.g.
+/// `127.0.0.1:0` on that namespace's loopback). The socket stays in that
+/// namespace whichever thread later serves it.
+pub fn bind_in_netns(netns: &str, addr: &str) -> Result<std::net::TcpListener> {
+    let path = format!("/run/netns/{netns}");
+    let addr = addr.to_owned();
+    std::thread::spawn(move || -> Result<std::net::TcpListener> {
+        let f = std::fs::File::open(&path).with_context(|| format!("opening {path}"))?;
+        use std::os::fd::AsRawFd;
+        // SAFETY: setns(2) on a valid namespace fd we own; it changes only
+        // this short-lived thread's network namespace, which ends with it.
+        let rc = unsafe { libc::setns(f.as_raw_fd(), libc::CLONE_NEWNET) };
+        if rc != 0 {
+            bail!("setns {path}: {}", std::io::Error::last_os_error());
+        }
+        Ok(std::net::TcpListener::bind(&addr)?)
+    })
+    .join()
+    .map_err(|_| anyhow::anyhow!("bind thread panicked"))?
 }
 
 /// Parses `ip` as IPv4 or IPv6.

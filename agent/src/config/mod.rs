@@ -16,9 +16,11 @@ use serde::Deserialize;
 
 pub mod balancing;
 pub mod dns;
+pub mod source;
 
 pub use balancing::{Algorithm, Failover, HealthCheck, LocalityPolicy, Outlier, Policy};
 pub use dns::Dns;
+pub use source::{CgroupDriver, Kubernetes, Overrides, Source};
 
 /// Ferry's default bypass mark (`SO_MARK` on its own upstream sockets): 0x539,
 /// the value Istio uses for the same purpose, so operators recognise it.
@@ -87,6 +89,12 @@ impl<'de> Deserialize<'de> for HumanDuration {
 #[derive(Debug, Clone, Deserialize, Default)]
 #[serde(deny_unknown_fields)]
 pub struct RawConfig {
+    /// Where services come from: `file` (default) or `kubernetes`.
+    #[serde(default)]
+    pub source: Source,
+    /// Settings of the Kubernetes source.
+    #[serde(default)]
+    pub kubernetes: source::RawKubernetes,
     #[serde(default)]
     pub node: RawNode,
     #[serde(default)]
@@ -274,6 +282,8 @@ fn default_weight() -> u32 {
 /// A validated configuration.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Config {
+    pub source: Source,
+    pub kubernetes: Kubernetes,
     pub node_name: String,
     /// This node's locality (`node` is `node_name`).
     pub locality: Locality,
@@ -388,6 +398,15 @@ pub fn load(path: &Path) -> Result<Config, ConfigError> {
         source,
     })?;
     parse(&text, &path.display().to_string())
+}
+
+/// Reads and parses a configuration file without validating it.
+pub fn load_raw(path: &Path) -> Result<RawConfig, ConfigError> {
+    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+        path: path.to_owned(),
+        source,
+    })?;
+    parse_raw(&text, &path.display().to_string())
 }
 
 /// Parses and validates configuration text; `file` names it in errors.
@@ -534,7 +553,7 @@ impl RawConfig {
             None => None,
         };
         if c.enabled {
-            if c.cgroups.is_empty() {
+            if c.cgroups.is_empty() && self.source == Source::File {
                 bad(
                     "capture.cgroups".into(),
                     "must name at least one cgroup to enroll when capture is enabled",
@@ -839,11 +858,21 @@ impl RawConfig {
         }
         v.append(&mut v_policy);
         let dns = dns::validate_dns(&self.dns, &services, &mut v);
+        let kubernetes = self.kubernetes.validate(&mut v);
+        if self.source == Source::Kubernetes && !self.services.is_empty() {
+            bad_k(
+                &mut v,
+                "services",
+                "must be empty with `source: kubernetes` (services come from the API)",
+            );
+        }
 
         if !v.is_empty() {
             return Err(v);
         }
         Ok(Config {
+            source: self.source,
+            kubernetes,
             locality: Locality {
                 node: Some(node_name.clone()),
                 zone: self.node.zone.clone(),
@@ -878,6 +907,13 @@ fn ipv4_mapped(a: IpAddr) -> Option<std::net::Ipv4Addr> {
         IpAddr::V6(v6) => v6.to_ipv4_mapped(),
         IpAddr::V4(_) => None,
     }
+}
+
+fn bad_k(v: &mut Vec<Violation>, field: &str, reason: &str) {
+    v.push(Violation {
+        field: field.to_owned(),
+        reason: reason.to_owned(),
+    });
 }
 
 fn overlaps(a: IpAddr, b: IpAddr) -> bool {

@@ -69,6 +69,11 @@ fn services(body: &str) -> String {
 fn example_file_parses_with_documented_values() {
     let c = ok(EXAMPLE);
     let expected = Config {
+        source: crate::config::Source::File,
+        kubernetes: crate::config::Kubernetes {
+            cgroup_driver: crate::config::CgroupDriver::Systemd,
+            cgroup_root: "kubepods.slice".into(),
+        },
         node_name: "node-a".into(),
         locality: Locality {
             node: Some("node-a".into()),

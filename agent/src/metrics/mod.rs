@@ -162,6 +162,23 @@ impl Metrics {
         m.register(&mut r);
     }
 
+    /// `ferry_kube_*`: the Kubernetes source's metrics.
+    pub fn register_kube(&self, m: &crate::k8s::KubeMetrics) {
+        let mut r = self.registry.write().unwrap_or_else(|e| e.into_inner());
+        m.register(&mut r);
+    }
+
+    /// `ferry_config_snapshot_timestamp_seconds`: when the configuration in
+    /// force was built (Unix time).
+    pub fn register_snapshot_time(&self, g: &Gauge<f64, std::sync::atomic::AtomicU64>) {
+        let mut r = self.registry.write().unwrap_or_else(|e| e.into_inner());
+        r.register(
+            "ferry_config_snapshot_timestamp_seconds",
+            "When the configuration snapshot in force was built (Unix seconds)",
+            g.clone(),
+        );
+    }
+
     /// Exports the eBPF programs' counters.
     pub fn register_ebpf(&self, source: Arc<dyn EbpfCounterSource>) {
         let mut r = self.registry.write().unwrap_or_else(|e| e.into_inner());
