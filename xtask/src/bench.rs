@@ -75,6 +75,13 @@ const SERVER_HOST: u8 = 11;
 const VIP: &str = "10.96.0.30";
 const IPERF_PORT: u16 = 5201;
 const ECHO_PORT: u16 = 7000;
+/// The new-connections test of round `r` uses echo port `CONN_PORT + r`:
+/// the TIME_WAIT sockets one round leaves (toward its port) then never
+/// slow the next round's ephemeral-port search.
+const CONN_PORT: u16 = 7100;
+/// The client pod's ephemeral port range (the default, 32768-60999, fills up
+/// with TIME_WAIT sockets toward Ferry's one listener port over the rounds).
+const CLIENT_PORT_RANGE: &str = "10000 65000";
 const SIZE: u64 = 64;
 /// Upper bound on one rr-client run.
 const RR_MAX_SECONDS: u64 = 60;
@@ -216,10 +223,29 @@ fn bench(
             )?;
             t.wait_log("iperf3-server", "Server listening", Duration::from_secs(10))?;
             t.start_server(&server, ECHO_PORT, "echo", &["--mode", "echo"])?;
+            for r in 0..plan.rounds {
+                let port = conn_port(r);
+                t.start_server(&server, port, &format!("echo-{port}"), &["--mode", "echo"])?;
+            }
+            ferry_tests::run(
+                "ip",
+                &[
+                    "netns",
+                    "exec",
+                    &client.netns,
+                    "sysctl",
+                    "-q",
+                    "-w",
+                    &format!("net.ipv4.ip_local_port_range={CLIENT_PORT_RANGE}"),
+                ],
+            )?;
             println!(
-                "    client {} (enrolled cgroup), server {}: iperf3 -s on {IPERF_PORT}, \
-                 echo on {ECHO_PORT}",
-                client.v4, server.v4
+                "    client {} (enrolled cgroup, ephemeral ports {CLIENT_PORT_RANGE}), server {}: \
+                 iperf3 -s on {IPERF_PORT},\n    echo on {ECHO_PORT} (request/response) and {} \
+                 (new connections, one port per round)",
+                client.v4,
+                server.v4,
+                conn_ports(plan.rounds)
             );
             Ok((client, server))
         },
@@ -227,18 +253,24 @@ fn bench(
     let t = slot.as_mut().context("the topology was just created")?;
 
     let ferry = steps.run(stop, "Start Ferry (release build)", || {
-        let services = format!(
+        let mut services = format!(
             "  - name: bench\n    addresses: [{VIP}]\n    ports:\n      \
-             - {{ port: {IPERF_PORT} }}\n      - {{ port: {ECHO_PORT} }}\n    \
-             endpoints:\n      - {{ address: {} }}\n",
-            server.v4
+             - {{ port: {IPERF_PORT} }}\n      - {{ port: {ECHO_PORT} }}\n"
         );
+        for r in 0..plan.rounds {
+            services.push_str(&format!("      - {{ port: {} }}\n", conn_port(r)));
+        }
+        services.push_str(&format!(
+            "    endpoints:\n      - {{ address: {} }}\n",
+            server.v4
+        ));
         let config = t.ferry_config(&services);
         let ferry = t.start_ferry("ferry", &config)?;
         println!(
-            "    {} (pid {}): {VIP}:{{{IPERF_PORT},{ECHO_PORT}}} -> {}",
+            "    {} (pid {}): {VIP}:{{{IPERF_PORT},{ECHO_PORT},{}}} -> {}",
             bins.ferry.display(),
             ferry.pid,
+            conn_ports(plan.rounds),
             server.v4
         );
         Ok(ferry)
@@ -336,7 +368,7 @@ fn bench(
             for (r, round) in rounds.iter_mut().enumerate() {
                 for (i, way) in Way::BOTH.into_iter().enumerate() {
                     let (rr, cpu) = run.measure(way, 1, || {
-                        run.rr(&bins.testkit, way, plan.round_trips, false)
+                        run.rr(&bins.testkit, way, ECHO_PORT, plan.round_trips, false)
                     })?;
                     round[i].rr = rr;
                     round[i].ferry_cpu[1] = cpu;
@@ -368,7 +400,7 @@ fn bench(
             for (r, round) in rounds.iter_mut().enumerate() {
                 for (i, way) in Way::BOTH.into_iter().enumerate() {
                     let (conn, cpu) = run.measure(way, plan.connections, || {
-                        run.rr(&bins.testkit, way, plan.connections, true)
+                        run.rr(&bins.testkit, way, conn_port(r), plan.connections, true)
                     })?;
                     round[i].conn = conn;
                     round[i].ferry_cpu[2] = cpu;
@@ -413,6 +445,18 @@ fn bench(
         Ok(())
     })?;
     Ok(())
+}
+
+fn conn_port(round: usize) -> u16 {
+    CONN_PORT + round as u16
+}
+
+/// `7100` or `7100-7102`.
+fn conn_ports(rounds: usize) -> String {
+    match rounds {
+        0 | 1 => CONN_PORT.to_string(),
+        n => format!("{CONN_PORT}-{}", conn_port(n - 1)),
+    }
 }
 
 /// The 1, 5 and 15 minute load averages, from /proc/loadavg.
@@ -496,8 +540,15 @@ impl Runner<'_> {
         )
     }
 
-    fn rr(&self, testkit: &Path, way: Way, count: u64, new_connection: bool) -> Result<Rr> {
-        let addr = format!("{}:{ECHO_PORT}", way.address());
+    fn rr(
+        &self,
+        testkit: &Path,
+        way: Way,
+        port: u16,
+        count: u64,
+        new_connection: bool,
+    ) -> Result<Rr> {
+        let addr = format!("{}:{port}", way.address());
         let count_s = count.to_string();
         let size = SIZE.to_string();
         let max = RR_MAX_SECONDS.to_string();
@@ -799,7 +850,10 @@ fn results_markdown(
          TCP_NODELAY, write {SIZE} bytes and read the {SIZE}-byte echo, {} round trips after \
          {} uncounted warm-up ones.\n\
          - New connections: `ferry-testkit rr-client --new-connection --count {}`: each round \
-         trip on its own connection (connect, {SIZE} B each way, close), one after another.\n\n",
+         trip on its own connection (connect, {SIZE} B each way, close), one after another. \
+         Each round uses its own server port ({}) and the client pod's ephemeral port range is \
+         {}: otherwise the TIME_WAIT sockets of earlier rounds fill the range and the kernel's \
+         search for a free port, not Ferry, dominates the later rounds.\n\n",
         plan.iperf_seconds,
         direct.retransmits,
         ferry.retransmits,
@@ -807,6 +861,8 @@ fn results_markdown(
         plan.round_trips,
         (plan.round_trips / 10).min(100),
         plan.connections,
+        conn_ports(plan.rounds),
+        CLIENT_PORT_RANGE.replace(' ', "-"),
     ));
     s.push_str("## Results\n\n");
     if rounds.len() > 1 {
