@@ -89,6 +89,7 @@ pub async fn run_with(
     let mut sigint = signal(SignalKind::interrupt()).map_err(AppError::Signal)?;
     let mut sighup = signal(SignalKind::hangup()).map_err(AppError::Signal)?;
 
+    raise_fd_limit();
     let metrics = Arc::new(Metrics::new(&config.node_name));
     let ready = Arc::new(Readiness::default());
     let balance_metrics = Arc::new(BalanceMetrics::default());
@@ -96,11 +97,14 @@ pub async fn run_with(
     let registry = Arc::new(Registry::new(balance_metrics.clone()));
     let dns = Arc::new(DnsState::default());
     metrics.register_dns(&dns.metrics);
-    let outbound = proxy::bind(config.listeners.outbound)?;
+    // One listener per worker thread (SO_REUSEPORT), each with its own
+    // accept loop: the kernel spreads connections over them.
+    let workers = tokio::runtime::Handle::current().metrics().num_workers();
+    let outbound = proxy::bind_many(config.listeners.outbound, workers)?;
     let inbound_listener = hbone::inbound::bind(config.listeners.inbound)?;
     let metrics_listener = metrics::bind("metrics", config.listeners.metrics).await?;
     let ready_listener = metrics::bind("readiness", config.listeners.readiness).await?;
-    let outbound_port = outbound
+    let outbound_port = outbound[0]
         .local_addr()
         .map(|a| a.port())
         .unwrap_or(config.listeners.outbound.port());
@@ -194,6 +198,9 @@ pub async fn run_with(
     } else {
         None
     };
+    if capture.is_some() {
+        release_startup_memory();
+    }
     let destinations = match &capture {
         Some(c) => Destinations::Ebpf(c.clone()),
         None => Destinations::LocalAddress,
@@ -232,6 +239,7 @@ pub async fn run_with(
         bypass_mark: mark,
         balance_metrics: balance_metrics.clone(),
         tunnel: Some(pool.clone()),
+        relay_mode: proxy::lean::Mode::from_zero_copy(config.proxy.zero_copy),
     });
     let maintenance_stop = CancellationToken::new();
     tokio::spawn(maintain(state.clone(), maintenance_stop.clone()));
@@ -242,12 +250,17 @@ pub async fn run_with(
     let tracker = TaskTracker::new();
     let stop_accepting = CancellationToken::new();
     let kill = CancellationToken::new();
-    let accept = tokio::spawn(proxy.clone().serve(
-        outbound,
-        tracker.clone(),
-        stop_accepting.clone(),
-        kill.clone(),
-    ));
+    let accept: Vec<_> = outbound
+        .into_iter()
+        .map(|listener| {
+            tokio::spawn(proxy.clone().serve(
+                listener,
+                tracker.clone(),
+                stop_accepting.clone(),
+                kill.clone(),
+            ))
+        })
+        .collect();
     let inbound_task = tokio::spawn(inbound.serve(
         inbound_listener,
         tracker.clone(),
@@ -270,6 +283,7 @@ pub async fn run_with(
         inbound = %config.listeners.inbound,
         workloads = config.workloads.len(),
         strict = strict.is_some(),
+        workers,
         metrics = %config.listeners.metrics,
         readiness = %config.listeners.readiness,
         services = config.services.len(),
@@ -395,7 +409,9 @@ pub async fn run_with(
     // Drain.
     ready.set(false);
     stop_accepting.cancel();
-    let _ = accept.await;
+    for a in accept {
+        let _ = a.await;
+    }
     let _ = inbound_task.await;
     tracker.close();
     let deadline = current.proxy.drain_deadline;
@@ -510,4 +526,53 @@ async fn reload_tls(
     };
     tls.set_trust_bundle(extra)?;
     tls.store().sync(&snapshot.workload_identities()).await
+}
+
+/// Descriptors Ferry asks for: two sockets per relayed connection.
+const WANT_FDS: u64 = 1 << 20;
+
+/// Raises the open-file limit toward [`WANT_FDS`] (the hard limit too, when
+/// privileged, up to the kernel's `nr_open`): the default soft limit (often
+/// 1024) would cap Ferry at a few hundred connections.
+fn raise_fd_limit() {
+    let nr_open = std::fs::read_to_string("/proc/sys/fs/nr_open")
+        .ok()
+        .and_then(|s| s.trim().parse::<u64>().ok())
+        .unwrap_or(WANT_FDS);
+    let want = WANT_FDS.min(nr_open);
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: `lim` is a valid, writable rlimit for getrlimit to fill.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) } != 0 {
+        warn!(error = %std::io::Error::last_os_error(), "cannot read the open-file limit");
+        return;
+    }
+    let before = lim.rlim_cur;
+    for max in [want.max(lim.rlim_max), lim.rlim_max] {
+        let new = libc::rlimit {
+            rlim_cur: want.min(max),
+            rlim_max: max,
+        };
+        // SAFETY: `new` is a valid rlimit; setrlimit only reads it.
+        if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &new) } == 0 {
+            info!(before, now = new.rlim_cur, "open-file limit raised");
+            return;
+        }
+    }
+    warn!(limit = before, "cannot raise the open-file limit");
+}
+
+/// Loading the eBPF object parses the kernel's BTF (megabytes, freed once
+/// the programs are loaded); glibc keeps freed heap mapped, so hand it back
+/// to the kernel or it stays in Ferry's resident memory for good.
+fn release_startup_memory() {
+    #[cfg(target_env = "gnu")]
+    {
+        // SAFETY: malloc_trim only returns free heap memory to the kernel;
+        // it does not touch memory in use.
+        let released = unsafe { libc::malloc_trim(0) };
+        tracing::debug!(released = released != 0, "start-up memory trimmed");
+    }
 }

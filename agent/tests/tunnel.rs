@@ -233,6 +233,7 @@ authorization:
         bypass_mark: 0,
         balance_metrics: Arc::new(ferry::balance::BalanceMetrics::default()),
         tunnel: Some(pool.clone()),
+        relay_mode: ferry::proxy::lean::Mode::from_zero_copy(true),
     });
     let inb = Arc::new(Inbound {
         tls: tls_b.clone(),

@@ -1,17 +1,19 @@
 //! `cargo xtask bench`: what going through Ferry costs, measured side by side
-//! on the integration harness's topology.
+//! on the integration harness's topology, against direct TCP and HAProxy.
 //!
-//! One client pod (in the enrolled cgroup) and one server pod. Each
-//! measurement runs twice, back to back: (a) the client connects to the
-//! server pod's address directly (connect4 runs and lets it pass), (b) it
-//! connects to a service address, which Ferry's eBPF capture redirects to
-//! Ferry (a release build), which connects to the same server. Measured:
+//! One client pod and one server pod; in one run, each measurement goes
+//! every way in turn: direct; Ferry with eBPF capture and the splice relay;
+//! a second Ferry process with the copy relay; Ferry (splice) reached by
+//! iptables `REDIRECT` instead of eBPF (the client outside the enrolled
+//! cgroup); HAProxy in TCP mode on the node. Measured:
 //!
-//! * bulk throughput: iperf3, one stream, 10 s (2 s with `--quick`);
+//! * bulk throughput: iperf3, 1 and 4 streams, 10 s (1 s with `--quick`);
 //! * request/response latency: `ferry-testkit rr-client`, 64-byte request
 //!   and response on one connection, 20000 round trips (2000), p50 to p99.9;
 //! * new connections per second: `rr-client --new-connection`, each round
-//!   trip on its own connection, 5000 connections (500).
+//!   trip on its own connection, 5000 connections (500);
+//! * the proxy's resident memory idle and holding 9,900 idle connections
+//!   (1,000), and its CPU seconds per GB moved in the throughput tests.
 //!
 //! The results go to `tests/bench/RESULTS.md`; a `--quick` run writes them to
 //! a temporary file instead (so a CI run leaves the tree clean) unless
@@ -48,16 +50,19 @@ struct Plan {
     /// Each measurement runs this many times (direct, then through Ferry,
     /// each time); the results are the medians.
     rounds: usize,
+    /// Idle connections held for the memory measurement.
+    idle_connections: u64,
 }
 
 impl Plan {
     fn for_args(args: &BenchArgs) -> Plan {
         if args.quick {
             Plan {
-                iperf_seconds: 2,
+                iperf_seconds: 1,
                 round_trips: 2000,
                 connections: 500,
                 rounds: 1,
+                idle_connections: 1000,
             }
         } else {
             Plan {
@@ -65,6 +70,7 @@ impl Plan {
                 round_trips: 20_000,
                 connections: 5000,
                 rounds: 3,
+                idle_connections: 9_900,
             }
         }
     }
@@ -72,28 +78,65 @@ impl Plan {
 
 const CLIENT_HOST: u8 = 10;
 const SERVER_HOST: u8 = 11;
+/// The service address Ferry (splice) captures.
 const VIP: &str = "10.96.0.30";
+/// The service address the second Ferry (copy relay) captures.
+const VIP_COPY: &str = "10.96.0.31";
+/// The service address a client outside the enrolled cgroup reaches Ferry
+/// (splice) at through iptables `REDIRECT` in the node namespace.
+const VIP_REDIRECT: &str = "10.96.0.32";
+/// HAProxy's listening address, on the node namespace's loopback.
+const HAPROXY_ADDR: &str = "10.96.0.40";
 const IPERF_PORT: u16 = 5201;
 const ECHO_PORT: u16 = 7000;
+/// The server that accepts and holds idle connections.
+const HOLD_PORT: u16 = 7100;
 const SIZE: u64 = 64;
 /// Upper bound on one rr-client run.
 const RR_MAX_SECONDS: u64 = 60;
 const SERVICE: &str = "default/bench";
+/// Connections a proxy here can hold: each takes two descriptors, and the
+/// hard open-file limit on these machines is 20,000 (no CAP_SYS_RESOURCE to
+/// raise it), so 10,000 proxied connections cannot fit; HAProxy's maxconn.
+const MAX_PROXIED: u64 = 9_950;
 
-/// The two ways the client reaches the server.
+/// Stream counts of the throughput test.
+const STREAMS: [u64; 2] = [1, 4];
+
+/// How many ways are measured.
+const WAYS: usize = 5;
+
+/// The ways the client reaches the server.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Way {
     Direct,
+    /// Ferry with eBPF capture, `proxy.zero_copy: true` (splice).
     Ferry,
+    /// A second Ferry with eBPF capture, `proxy.zero_copy: false`.
+    FerryCopy,
+    /// Ferry (splice), reached by iptables `REDIRECT` instead of eBPF
+    /// capture; it learns the destination from `SO_ORIGINAL_DST`.
+    Redirect,
+    /// HAProxy in TCP mode on the node.
+    Haproxy,
 }
 
 impl Way {
-    const BOTH: [Way; 2] = [Way::Direct, Way::Ferry];
+    const ALL: [Way; WAYS] = [
+        Way::Direct,
+        Way::Ferry,
+        Way::FerryCopy,
+        Way::Redirect,
+        Way::Haproxy,
+    ];
 
     fn label(self) -> &'static str {
         match self {
             Way::Direct => "direct",
-            Way::Ferry => "through Ferry",
+            Way::Ferry => "Ferry splice",
+            Way::FerryCopy => "Ferry copy",
+            Way::Redirect => "iptables->Ferry",
+            Way::Haproxy => "HAProxy",
         }
     }
 
@@ -101,6 +144,27 @@ impl Way {
         match self {
             Way::Direct => format!("10.77.1.{SERVER_HOST}"),
             Way::Ferry => VIP.to_string(),
+            Way::FerryCopy => VIP_COPY.to_string(),
+            Way::Redirect => VIP_REDIRECT.to_string(),
+            Way::Haproxy => HAPROXY_ADDR.to_string(),
+        }
+    }
+
+    /// The client's cgroup: only the eBPF ways run it in the enrolled one.
+    fn group(self) -> Group {
+        match self {
+            Way::Redirect | Way::Haproxy => Group::Other,
+            Way::Direct | Way::Ferry | Way::FerryCopy => Group::Enrolled,
+        }
+    }
+
+    /// Which Ferry (0: splice, 1: copy) serves this way.
+    fn ferry(self) -> Option<usize> {
+        match self {
+            Way::Ferry => Some(0),
+            Way::FerryCopy => Some(1),
+            Way::Redirect => Some(2),
+            Way::Direct | Way::Haproxy => None,
         }
     }
 }
@@ -121,12 +185,37 @@ struct Rr {
 /// What one way measured.
 #[derive(Debug, Clone, Copy, Default)]
 struct Measured {
-    gbit_per_s: f64,
+    /// iperf3, 1 and 4 streams.
+    gbit_per_s: [f64; 2],
     retransmits: u64,
     rr: Rr,
     conn: Rr,
-    /// Ferry's CPU time (user + system) during each test, through Ferry only.
-    ferry_cpu: [Option<f64>; 3],
+    /// The proxy's CPU time (user + system) during each test (throughput 1
+    /// stream, 4 streams, request/response, new connections); none direct.
+    ferry_cpu: [Option<f64>; 4],
+    /// Bytes the throughput tests moved (1 and 4 streams).
+    bytes: [f64; 2],
+    /// The proxy's resident memory (KiB) when idle, and while holding the
+    /// idle connections.
+    rss_idle_kib: Option<f64>,
+    rss_held_kib: Option<f64>,
+    /// How many idle connections the proxy held when `rss_held_kib` was
+    /// read.
+    idle_held: u64,
+}
+
+impl Measured {
+    /// Proxy CPU seconds per GB moved in the throughput tests.
+    fn cpu_per_gb(&self) -> Option<f64> {
+        let cpu = self.ferry_cpu[0]? + self.ferry_cpu[1]?;
+        let gb = (self.bytes[0] + self.bytes[1]) / 1e9;
+        (gb > 0.0).then(|| cpu / gb)
+    }
+
+    /// KiB per idle connection held.
+    fn kib_per_idle(&self) -> Option<f64> {
+        Some((self.rss_held_kib? - self.rss_idle_kib?) / self.idle_held.max(1) as f64)
+    }
 }
 
 fn parse_rr(line: &str) -> Result<Rr> {
@@ -153,8 +242,9 @@ fn parse_rr(line: &str) -> Result<Rr> {
     })
 }
 
-/// `(received bits/s, sender retransmits)` from `iperf3 -J` output.
-fn parse_iperf(json: &str) -> Result<(f64, u64)> {
+/// `(received bits/s, sender retransmits, bytes received)` from `iperf3 -J`
+/// output.
+fn parse_iperf(json: &str) -> Result<(f64, u64, f64)> {
     let v: serde_json::Value = serde_json::from_str(json).context("parsing iperf3's JSON")?;
     if let Some(err) = v.get("error").and_then(|e| e.as_str()) {
         bail!("iperf3: {err}");
@@ -162,17 +252,18 @@ fn parse_iperf(json: &str) -> Result<(f64, u64)> {
     let bps = v["end"]["sum_received"]["bits_per_second"]
         .as_f64()
         .context("iperf3's JSON has no end.sum_received.bits_per_second")?;
+    let bytes = v["end"]["sum_received"]["bytes"].as_f64().unwrap_or(0.0);
     let retransmits = v["end"]["sum_sent"]["retransmits"].as_u64().unwrap_or(0);
-    Ok((bps, retransmits))
+    Ok((bps, retransmits, bytes))
 }
 
 pub fn run(args: &BenchArgs) -> Result<()> {
     let stop = Stop::install()?;
     let plan = Plan::for_args(args);
-    let mut steps = demo::Steps::new(9);
+    let mut steps = demo::Steps::new(11);
     println!(
-        "Ferry bench: client pod -> server pod, (a) directly and (b) through a service address \
-         that\nFerry's eBPF capture sends to Ferry. Ctrl-C stops it and removes everything."
+        "Ferry bench: client pod -> server pod, directly, through Ferry (eBPF capture; splice and \
+         copy relays)\nand through HAProxy. Ctrl-C stops it and removes everything."
     );
     let mut slot = None;
     let result = demo::prepare(&mut steps, &stop)
@@ -190,6 +281,20 @@ pub fn run(args: &BenchArgs) -> Result<()> {
     result
 }
 
+fn haproxy_config(server: &str) -> String {
+    let mut s = format!(
+        "global\n  maxconn {MAX_PROXIED}\n\ndefaults\n  mode tcp\n  timeout connect 5s\n  \
+         timeout client 10m\n  timeout server 10m\n"
+    );
+    for port in [IPERF_PORT, ECHO_PORT, HOLD_PORT] {
+        s.push_str(&format!(
+            "\nlisten p{port}\n  bind {HAPROXY_ADDR}:{port}\n  maxconn {MAX_PROXIED}\n  \
+             server s1 {server}:{port}\n"
+        ));
+    }
+    s
+}
+
 fn bench(
     args: &BenchArgs,
     plan: Plan,
@@ -199,6 +304,7 @@ fn bench(
     slot: &mut Option<Topology>,
 ) -> Result<()> {
     let iperf3 = demo::tool("iperf3")?;
+    let haproxy = demo::tool("haproxy")?;
     let (client, server) = steps.run(
         stop,
         "Create the topology: a node, a client pod, a server pod",
@@ -206,6 +312,25 @@ fn bench(
             let t = slot.insert(Topology::new("bench")?);
             let client = t.add_pod("client", CLIENT_HOST)?;
             let server = t.add_pod("server", SERVER_HOST)?;
+            // Thousands of short connections per run, all to one server
+            // port: with the default port range and no TIME_WAIT reuse, every
+            // connecting side (the client; each proxy, from the node) soon
+            // spends its CPU searching for a free ephemeral port. The same
+            // settings for every way.
+            for ns in [&t.node_netns.clone(), &client.netns] {
+                ferry_tests::run(
+                    "ip",
+                    &[
+                        "netns",
+                        "exec",
+                        ns,
+                        "sysctl",
+                        "-qw",
+                        "net.ipv4.ip_local_port_range=1024 65535",
+                        "net.ipv4.tcp_tw_reuse=1",
+                    ],
+                )?;
+            }
             let port = IPERF_PORT.to_string();
             t.spawn(
                 "iperf3-server",
@@ -216,9 +341,18 @@ fn bench(
             )?;
             t.wait_log("iperf3-server", "Server listening", Duration::from_secs(10))?;
             t.start_server(&server, ECHO_PORT, "echo", &["--mode", "echo"])?;
+            let hold = format!("[::]:{HOLD_PORT}");
+            t.spawn(
+                "hold-server",
+                &server.netns,
+                Group::Other,
+                &bins.testkit,
+                &["hold-server", "--listen", &hold],
+            )?;
+            t.wait_log("hold-server", "listening", Duration::from_secs(10))?;
             println!(
                 "    client {} (enrolled cgroup), server {}: iperf3 -s on {IPERF_PORT}, \
-                 echo on {ECHO_PORT}",
+                 echo on {ECHO_PORT}, idle-connection holder on {HOLD_PORT}",
                 client.v4, server.v4
             );
             Ok((client, server))
@@ -226,23 +360,97 @@ fn bench(
     )?;
     let t = slot.as_mut().context("the topology was just created")?;
 
-    let ferry = steps.run(stop, "Start Ferry (release build)", || {
-        let services = format!(
-            "  - name: bench\n    addresses: [{VIP}]\n    ports:\n      \
-             - {{ port: {IPERF_PORT} }}\n      - {{ port: {ECHO_PORT} }}\n    \
-             endpoints:\n      - {{ address: {} }}\n",
-            server.v4
-        );
-        let config = t.ferry_config(&services);
-        let ferry = t.start_ferry("ferry", &config)?;
-        println!(
-            "    {} (pid {}): {VIP}:{{{IPERF_PORT},{ECHO_PORT}}} -> {}",
-            bins.ferry.display(),
-            ferry.pid,
-            server.v4
-        );
-        Ok(ferry)
-    })?;
+    let (ferry, ferry_copy, ferry_redirect, haproxy_pid) = steps.run(
+        stop,
+        "Start Ferry three times (splice, copy, REDIRECT target; release build) and HAProxy",
+        || {
+            let services = |vip: &str| {
+                format!(
+                    "  - name: bench\n    addresses: [{vip}]\n    ports:\n      \
+                     - {{ port: {IPERF_PORT} }}\n      - {{ port: {ECHO_PORT} }}\n      \
+                     - {{ port: {HOLD_PORT} }}\n    endpoints:\n      - {{ address: {} }}\n",
+                    server.v4
+                )
+            };
+            let config = t
+                .ferry_config(&services(VIP))
+                .replace("proxy:\n", "proxy:\n  zero_copy: true\n");
+            let ferry = t.start_ferry("ferry", &config)?;
+            // The second instance: its own ports and service address; both
+            // attach to the enrolled cgroup (BPF links coexist) and each
+            // captures only its own service address.
+            let config = t
+                .ferry_config(&services(VIP_COPY))
+                .replace("[::]:15001", "[::]:15101")
+                .replace("0.0.0.0:15020", "0.0.0.0:15120")
+                .replace("0.0.0.0:15021", "0.0.0.0:15121")
+                .replace("proxy:\n", "proxy:\n  zero_copy: false\n");
+            let ferry_copy = t.start_ferry("ferry-copy", &config)?;
+            ferry_copy.wait_status("15121", "/ready", 200, Duration::from_secs(20))?;
+            // The third: no eBPF capture; clients outside the enrolled
+            // cgroup reach it by netfilter, REDIRECT to its listener. (Its
+            // own port: REDIRECTed flows' conntrack entries would clash with
+            // eBPF-captured flows to the same listener, and netfilter then
+            // remaps their source ports.)
+            let config = t
+                .ferry_config(&services(VIP_REDIRECT))
+                .replace("capture:\n", "capture:\n  enabled: false\n")
+                .replace("[::]:15001", "[::]:15201")
+                .replace("0.0.0.0:15020", "0.0.0.0:15220")
+                .replace("0.0.0.0:15021", "0.0.0.0:15221")
+                .replace("proxy:\n", "proxy:\n  zero_copy: true\n");
+            let ferry_redirect = t.start_ferry("ferry-redirect", &config)?;
+            ferry_redirect.wait_status("15221", "/ready", 200, Duration::from_secs(20))?;
+            let node = t.node_netns.clone();
+            ferry_tests::run(
+                "ip",
+                &[
+                    "netns",
+                    "exec",
+                    &node,
+                    "iptables",
+                    "-t",
+                    "nat",
+                    "-A",
+                    "PREROUTING",
+                    "-d",
+                    VIP_REDIRECT,
+                    "-p",
+                    "tcp",
+                    "-j",
+                    "REDIRECT",
+                    "--to-ports",
+                    "15201",
+                ],
+            )?;
+            t.add_node_address(&format!("{HAPROXY_ADDR}/32"))?;
+            let cfg_path = std::env::temp_dir().join("ferry-bench-haproxy.cfg");
+            std::fs::write(&cfg_path, haproxy_config(&server.v4.to_string()))?;
+            let cfg = cfg_path.to_string_lossy().into_owned();
+            let haproxy_pid = t.spawn(
+                "haproxy",
+                &node,
+                Group::Other,
+                &haproxy,
+                &["-db", "-f", &cfg],
+            )?;
+            println!(
+                "    {} (pid {}, splice): {VIP} -> {}\n    same binary (pid {}, copy): \
+                 {VIP_COPY} -> {}\n    same binary (pid {}, no eBPF, iptables REDIRECT): \
+                 {VIP_REDIRECT} -> {}\n    {} (pid {haproxy_pid}): {HAPROXY_ADDR} -> {}",
+                bins.ferry.display(),
+                ferry.pid,
+                server.v4,
+                ferry_copy.pid,
+                server.v4,
+                ferry_redirect.pid,
+                server.v4,
+                haproxy.display(),
+                server.v4
+            );
+            Ok((ferry, ferry_copy, ferry_redirect, haproxy_pid))
+        },
+    )?;
     let t = &*t;
     let clk_tck: f64 = util::stdout_of(Command::new("getconf").arg("CLK_TCK"))
         .ok()
@@ -251,10 +459,24 @@ fn bench(
     let run = Runner {
         t,
         stop,
-        ferry: &ferry,
+        ferries: [&ferry, &ferry_copy, &ferry_redirect],
+        haproxy_pid,
         client: &client,
         clk_tck,
     };
+    // HAProxy answers once it has bound its ports; a few bounded attempts.
+    let mut ready = Err(anyhow::anyhow!("HAProxy never answered"));
+    for _ in 0..50 {
+        ready = run.rr(&bins.testkit, Way::Haproxy, 10, false);
+        if ready.is_ok() || stop.is_set() {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    ready.context("HAProxy is not serving")?;
+    // Idle resident memory: before any traffic through Ferry (HAProxy has
+    // just served the 10 round trips above).
+    let idle = Way::ALL.map(|w| run.pid(w).and_then(rss_kib));
     let load = load_average();
     if let Some(one) = load
         .split_whitespace()
@@ -267,7 +489,7 @@ fn bench(
             "\nwarning: load average {load}: other work on this machine will distort the numbers"
         );
     }
-    let mut rounds = vec![[Measured::default(); 2]; plan.rounds];
+    let mut rounds = vec![[Measured::default(); WAYS]; plan.rounds];
     let round_label = |r: usize| {
         if plan.rounds > 1 {
             format!("round {}/{}  ", r + 1, plan.rounds)
@@ -284,42 +506,49 @@ fn bench(
     steps.run(
         stop,
         &format!(
-            "Bulk throughput: iperf3, 1 stream, {} s{times}",
+            "Bulk throughput: iperf3, 1 and 4 streams, {} s each{times}",
             plan.iperf_seconds
         ),
         || {
             for (r, round) in rounds.iter_mut().enumerate() {
-                for (i, way) in Way::BOTH.into_iter().enumerate() {
-                    let (out, cpu) = run.measure(way, 1, || {
-                        let secs = plan.iperf_seconds.to_string();
-                        let port = IPERF_PORT.to_string();
-                        let addr = way.address();
-                        let args = [
-                            "-c",
-                            &addr,
-                            "-p",
-                            &port,
-                            "-t",
-                            &secs,
-                            "-P",
-                            "1",
-                            "-J",
-                            "--connect-timeout",
-                            "5000",
-                        ];
-                        run.exec(&iperf3, &args, plan.iperf_seconds + 30)
-                    })?;
-                    let (bps, retransmits) = parse_iperf(&out)?;
-                    round[i].gbit_per_s = bps / 1e9;
-                    round[i].retransmits = retransmits;
-                    round[i].ferry_cpu[0] = cpu;
-                    println!(
-                        "    {}{:<14} {:>7.2} Gbit/s  ({retransmits} retransmits){}",
-                        round_label(r),
-                        way.label(),
-                        bps / 1e9,
-                        cpu_note(cpu, plan.iperf_seconds as f64)
-                    );
+                for (k, streams) in STREAMS.into_iter().enumerate() {
+                    for (i, way) in Way::ALL.into_iter().enumerate() {
+                        let (out, cpu) = run.measure(way, 1, || {
+                            let secs = plan.iperf_seconds.to_string();
+                            let port = IPERF_PORT.to_string();
+                            let addr = way.address();
+                            let p = streams.to_string();
+                            let args = [
+                                "-c",
+                                &addr,
+                                "-p",
+                                &port,
+                                "-t",
+                                &secs,
+                                "-P",
+                                &p,
+                                "-J",
+                                "--connect-timeout",
+                                "5000",
+                            ];
+                            run.exec(way, &iperf3, &args, plan.iperf_seconds + 30)
+                        })?;
+                        let (bps, retransmits, bytes) = parse_iperf(&out)?;
+                        round[i].gbit_per_s[k] = bps / 1e9;
+                        round[i].bytes[k] = bytes;
+                        if k == 0 {
+                            round[i].retransmits = retransmits;
+                        }
+                        round[i].ferry_cpu[k] = cpu;
+                        println!(
+                            "    {}{streams} stream(s) {:<13} {:>7.2} Gbit/s  ({retransmits} \
+                             retransmits){}",
+                            round_label(r),
+                            way.label(),
+                            bps / 1e9,
+                            cpu_note(cpu, plan.iperf_seconds as f64)
+                        );
+                    }
                 }
             }
             Ok(())
@@ -334,12 +563,12 @@ fn bench(
         ),
         || {
             for (r, round) in rounds.iter_mut().enumerate() {
-                for (i, way) in Way::BOTH.into_iter().enumerate() {
+                for (i, way) in Way::ALL.into_iter().enumerate() {
                     let (rr, cpu) = run.measure(way, 1, || {
                         run.rr(&bins.testkit, way, plan.round_trips, false)
                     })?;
                     round[i].rr = rr;
-                    round[i].ferry_cpu[1] = cpu;
+                    round[i].ferry_cpu[2] = cpu;
                     println!(
                         "    {}{:<14} p50 {:>6.1} µs  p90 {:>6.1}  p99 {:>6.1}  p99.9 {:>7.1}  \
                          ({:.0}/s){}",
@@ -366,12 +595,12 @@ fn bench(
         ),
         || {
             for (r, round) in rounds.iter_mut().enumerate() {
-                for (i, way) in Way::BOTH.into_iter().enumerate() {
+                for (i, way) in Way::ALL.into_iter().enumerate() {
                     let (conn, cpu) = run.measure(way, plan.connections, || {
                         run.rr(&bins.testkit, way, plan.connections, true)
                     })?;
                     round[i].conn = conn;
-                    round[i].ferry_cpu[2] = cpu;
+                    round[i].ferry_cpu[3] = cpu;
                     println!(
                         "    {}{:<14} {:>7.0} connections/s  (p50 {:.1} µs, p99 {:.1} µs){}",
                         round_label(r),
@@ -387,12 +616,42 @@ fn bench(
         },
     )?;
 
-    let (direct, ferry_m) = (median_of(&rounds, 0), median_of(&rounds, 1));
+    let mut held = [None; WAYS];
+    let mut held_count = [0u64; WAYS];
+    steps.run(
+        stop,
+        &format!(
+            "Resident memory: idle (before any traffic), and holding {} idle connections",
+            plan.idle_connections
+        ),
+        || {
+            for (i, way) in Way::ALL.into_iter().enumerate().skip(1) {
+                (held[i], held_count[i]) =
+                    run.hold_idle(&bins.testkit, way, plan.idle_connections)?;
+                println!(
+                    "    {:<14} idle {:>8} KiB   holding {}: {:>8} KiB",
+                    way.label(),
+                    kib(idle[i]),
+                    plan.idle_connections,
+                    kib(held[i])
+                );
+            }
+            Ok(())
+        },
+    )?;
+
+    let mut medians = [Measured::default(); WAYS];
+    for (i, m) in medians.iter_mut().enumerate() {
+        *m = median_of(&rounds, i);
+        m.rss_idle_kib = idle[i];
+        m.rss_held_kib = held[i];
+        m.idle_held = held_count[i];
+    }
     steps.run(stop, "Results", || {
         if plan.rounds > 1 {
             println!("    Medians of {} rounds:", plan.rounds);
         }
-        print_summary(&direct, &ferry_m);
+        print_summary(&medians, plan);
         let mut machine = Machine::probe();
         machine.load = load.clone();
         let command = format!(
@@ -400,7 +659,7 @@ fn bench(
             if args.quick { " --quick" } else { "" },
             if args.write { " --write" } else { "" }
         );
-        let text = results_markdown(&command, &machine, plan, &rounds, &direct, &ferry_m);
+        let text = results_markdown(&command, &machine, plan, &rounds, &medians);
         let path = results_path(args);
         if let Some(dir) = path.parent() {
             std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
@@ -413,6 +672,29 @@ fn bench(
         Ok(())
     })?;
     Ok(())
+}
+
+fn kib(v: Option<f64>) -> String {
+    v.map(|v| format!("{v:.0}")).unwrap_or_else(|| "n/a".into())
+}
+
+/// A process's resident memory (VmRSS, KiB).
+fn rss_kib(pid: u32) -> Option<f64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))?
+        .split_whitespace()
+        .next()?
+        .parse()
+        .ok()
+}
+
+/// Open descriptors of a process.
+fn open_fds(pid: u32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .map(|d| d.count())
+        .unwrap_or(0)
 }
 
 /// The 1, 5 and 15 minute load averages, from /proc/loadavg.
@@ -433,7 +715,7 @@ fn median(mut values: Vec<f64>) -> f64 {
 }
 
 /// Each figure's median over the rounds, for way `i`.
-fn median_of(rounds: &[[Measured; 2]], i: usize) -> Measured {
+fn median_of(rounds: &[[Measured; WAYS]], i: usize) -> Measured {
     let m = |f: &dyn Fn(&Measured) -> f64| median(rounds.iter().map(|r| f(&r[i])).collect());
     let rr = |g: &dyn Fn(&Measured) -> Rr| Rr {
         count: m(&|x| g(x).count as f64) as u64,
@@ -446,14 +728,18 @@ fn median_of(rounds: &[[Measured; 2]], i: usize) -> Measured {
         max_us: m(&|x| g(x).max_us),
     };
     Measured {
-        gbit_per_s: m(&|x| x.gbit_per_s),
+        gbit_per_s: [0, 1].map(|k| m(&|x| x.gbit_per_s[k])),
+        bytes: [0, 1].map(|k| m(&|x| x.bytes[k])),
         retransmits: m(&|x| x.retransmits as f64) as u64,
         rr: rr(&|x| x.rr),
         conn: rr(&|x| x.conn),
-        ferry_cpu: [0, 1, 2].map(|k| {
+        ferry_cpu: [0, 1, 2, 3].map(|k| {
             let v: Vec<f64> = rounds.iter().filter_map(|r| r[i].ferry_cpu[k]).collect();
             (!v.is_empty()).then(|| median(v))
         }),
+        rss_idle_kib: None,
+        rss_held_kib: None,
+        idle_held: 0,
     }
 }
 
@@ -468,7 +754,7 @@ fn results_path(args: &BenchArgs) -> PathBuf {
 fn cpu_note(cpu: Option<f64>, wall: f64) -> String {
     match cpu {
         Some(cpu) if wall > 0.0 => format!(
-            "; Ferry used {cpu:.2} s CPU ({:.0}% of one core)",
+            "; the proxy used {cpu:.2} s CPU ({:.0}% of one core)",
             100.0 * cpu / wall
         ),
         _ => String::new(),
@@ -479,21 +765,153 @@ fn cpu_note(cpu: Option<f64>, wall: f64) -> String {
 struct Runner<'a> {
     t: &'a Topology,
     stop: &'a Stop,
-    ferry: &'a Ferry,
+    /// Ferry splice, Ferry copy, Ferry for iptables REDIRECT.
+    ferries: [&'a Ferry; 3],
+    haproxy_pid: u32,
     client: &'a Pod,
     clk_tck: f64,
 }
 
 impl Runner<'_> {
-    fn exec(&self, program: &Path, args: &[&str], timeout_secs: u64) -> Result<String> {
+    fn exec(&self, way: Way, program: &Path, args: &[&str], timeout_secs: u64) -> Result<String> {
         self.t.exec_bounded(
             &self.client.netns,
-            Group::Enrolled,
+            way.group(),
             program,
             args,
             Duration::from_secs(timeout_secs),
             Some(self.stop.flag()),
         )
+    }
+
+    /// The proxy process of a way.
+    fn pid(&self, way: Way) -> Option<u32> {
+        match way {
+            Way::Direct => None,
+            Way::Ferry | Way::FerryCopy | Way::Redirect => way.ferry().map(|k| self.ferries[k].pid),
+            Way::Haproxy => Some(self.haproxy_pid),
+        }
+    }
+
+    /// Opens `n` idle connections through `way` and returns the proxy's
+    /// resident memory (KiB) once it holds them all (both of its sockets
+    /// for each).
+    fn hold_idle(&self, testkit: &Path, way: Way, n: u64) -> Result<(Option<f64>, u64)> {
+        use std::io::BufRead;
+        let Some(pid) = self.pid(way) else {
+            return Ok((None, 0));
+        };
+        let release = std::env::temp_dir().join(format!("ferry-bench-release-{pid}"));
+        let _ = std::fs::remove_file(&release);
+        let addr = format!("{}:{HOLD_PORT}", way.address());
+        let count = n.to_string();
+        let rel = release.to_string_lossy().into_owned();
+        let base_fds = open_fds(pid);
+        let mut child = self
+            .t
+            .command(
+                &self.client.netns,
+                way.group(),
+                testkit,
+                &[
+                    "idle-client",
+                    "--connect",
+                    &addr,
+                    "--count",
+                    &count,
+                    "--release",
+                    &rel,
+                    "--max-wait",
+                    "120",
+                ],
+            )
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::inherit())
+            .spawn()
+            .context("starting idle-client")?;
+        let stdout = child.stdout.take().context("idle-client's stdout")?;
+        let (tx, rx) = std::sync::mpsc::channel();
+        let reader = std::thread::spawn(move || {
+            for line in std::io::BufReader::new(stdout)
+                .lines()
+                .map_while(Result::ok)
+            {
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        let result = (|| {
+            let deadline = std::time::Instant::now() + Duration::from_secs(120);
+            loop {
+                let left = deadline.saturating_duration_since(std::time::Instant::now());
+                match rx.recv_timeout(left.min(Duration::from_millis(200))) {
+                    Ok(line) if line.starts_with("holding") => break,
+                    Ok(_) => {}
+                    Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {}
+                    Err(_) => bail!("idle-client ended before holding {n} connections"),
+                }
+                if self.stop.is_set() || left.is_zero() {
+                    bail!("idle-client did not open {n} connections in time");
+                }
+            }
+            // Wait until the proxy holds them all (Ferry counts them; for
+            // HAProxy, both sockets of each exist), or until the count has
+            // not moved for a second (then report what it holds).
+            let active = format!(r#"ferry_connections_active{{service="{SERVICE}"}}"#);
+            let held = || -> Result<u64> {
+                Ok(match way.ferry() {
+                    Some(k) => metric_value(&self.metrics(k)?, &active) as u64,
+                    None => (open_fds(pid).saturating_sub(base_fds) / 2) as u64,
+                })
+            };
+            let deadline = std::time::Instant::now() + Duration::from_secs(60);
+            let (mut last, mut still) = (0, 0);
+            loop {
+                let now = held()?;
+                still = if now == last { still + 1 } else { 0 };
+                last = now;
+                if now >= n || (now > 0 && still >= 20) {
+                    break;
+                }
+                if self.stop.is_set() || std::time::Instant::now() > deadline {
+                    bail!("{} holds only {now} of {n} connections", way.label());
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            if last < n {
+                println!(
+                    "    note: {} holds {last} of the {n} idle connections; memory per \
+                     connection is computed over {last}",
+                    way.label()
+                );
+            }
+            Ok((rss_kib(pid), last))
+        })();
+        let _ = std::fs::write(&release, b"");
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        loop {
+            match child.try_wait() {
+                Ok(Some(_)) => break,
+                Ok(None) if std::time::Instant::now() < deadline => {
+                    std::thread::sleep(Duration::from_millis(20))
+                }
+                _ => {
+                    let _ = child.kill();
+                    let _ = child.wait();
+                    break;
+                }
+            }
+        }
+        let _ = reader.join();
+        let _ = std::fs::remove_file(&release);
+        // Let the proxy close the connections before the next way.
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        while open_fds(pid) > base_fds + 16 && std::time::Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        result
     }
 
     fn rr(&self, testkit: &Path, way: Way, count: u64, new_connection: bool) -> Result<Rr> {
@@ -515,7 +933,7 @@ impl Runner<'_> {
         if new_connection {
             args.push("--new-connection");
         }
-        let rr = parse_rr(&self.exec(testkit, &args, RR_MAX_SECONDS + 30)?)?;
+        let rr = parse_rr(&self.exec(way, testkit, &args, RR_MAX_SECONDS + 30)?)?;
         if rr.count < count {
             println!(
                 "    note: {} stopped after {RR_MAX_SECONDS} s with {} of {count} done",
@@ -526,10 +944,9 @@ impl Runner<'_> {
         Ok(rr)
     }
 
-    /// Runs one measurement and checks it went the intended way: through
-    /// Ferry, Ferry accepted at least `min_opened` connections; directly, it
-    /// accepted none. Returns the result and Ferry's CPU seconds (through
-    /// Ferry only).
+    /// Runs one measurement and checks it went the intended way: the Ferry
+    /// that serves `way` accepted at least `min_opened` connections, the
+    /// other accepted none. Returns the result and the proxy's CPU seconds.
     fn measure<T>(
         &self,
         way: Way,
@@ -537,31 +954,58 @@ impl Runner<'_> {
         f: impl FnOnce() -> Result<T>,
     ) -> Result<(T, Option<f64>)> {
         let opened = format!(r#"ferry_connections_opened_total{{service="{SERVICE}"}}"#);
-        let before = metric_value(&self.ferry.metrics()?, &opened);
-        let cpu_before = self.cpu_seconds();
+        let counts = || -> Result<[f64; 3]> {
+            Ok([
+                metric_value(&self.metrics(0)?, &opened),
+                metric_value(&self.metrics(1)?, &opened),
+                metric_value(&self.metrics(2)?, &opened),
+            ])
+        };
+        let before = counts()?;
+        let pid = self.pid(way);
+        let cpu_before = pid.and_then(|p| self.cpu_seconds(p));
         let value = f()?;
-        let cpu = match (cpu_before, self.cpu_seconds()) {
-            (Some(a), Some(b)) if way == Way::Ferry => Some(b - a),
+        let cpu = match (cpu_before, pid.and_then(|p| self.cpu_seconds(p))) {
+            (Some(a), Some(b)) => Some(b - a),
             _ => None,
         };
-        let after = metric_value(&self.ferry.metrics()?, &opened);
-        let delta = after - before;
-        match way {
-            Way::Direct if delta != 0.0 => {
-                bail!("Ferry accepted {delta} connections during a direct run")
+        let after = counts()?;
+        for (k, who) in [
+            (0, "Ferry (splice)"),
+            (1, "Ferry (copy)"),
+            (2, "Ferry (REDIRECT target)"),
+        ] {
+            let delta = after[k] - before[k];
+            if way.ferry() == Some(k) && delta < min_opened as f64 {
+                bail!(
+                    "{who} accepted only {delta} connections during a {} run \
+                     (expected at least {min_opened})",
+                    way.label()
+                );
             }
-            Way::Ferry if delta < min_opened as f64 => bail!(
-                "Ferry accepted only {delta} connections during a run through it \
-                 (expected at least {min_opened})"
-            ),
-            _ => {}
+            if way.ferry() != Some(k) && delta != 0.0 {
+                bail!(
+                    "{who} accepted {delta} connections during a {} run",
+                    way.label()
+                );
+            }
         }
         Ok((value, cpu))
     }
 
-    /// Ferry's user + system CPU time so far, from /proc.
-    fn cpu_seconds(&self) -> Option<f64> {
-        let stat = std::fs::read_to_string(format!("/proc/{}/stat", self.ferry.pid)).ok()?;
+    /// The metrics of Ferry `k` (each has its own admin port).
+    fn metrics(&self, k: usize) -> Result<String> {
+        let port = ["15020", "15120", "15220"][k];
+        let (code, body) = self.ferries[k].http(port, "/metrics")?;
+        if code != 200 {
+            bail!("/metrics on {port} answered {code}");
+        }
+        Ok(body)
+    }
+
+    /// A process's user + system CPU time so far, from /proc.
+    fn cpu_seconds(&self, pid: u32) -> Option<f64> {
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
         // Fields after the command name (which is in parentheses): state is
         // field 3, utime 14, stime 15.
         let rest = &stat[stat.rfind(')')? + 2..];
@@ -572,45 +1016,114 @@ impl Runner<'_> {
     }
 }
 
-/// Ferry/direct.
-fn ratio(ferry: f64, direct: f64) -> String {
-    if direct > 0.0 {
-        format!("{:.2}×", ferry / direct)
+/// a/b.
+fn ratio(a: f64, b: f64) -> String {
+    if b > 0.0 && a.is_finite() {
+        format!("{:.2}×", a / b)
     } else {
         "-".into()
     }
 }
 
-fn print_summary(direct: &Measured, ferry: &Measured) {
-    println!(
-        "\n    {:<14} {:>13} {:>10} {:>10} {:>10} {:>10} {:>11}",
-        "", "throughput", "rr p50", "rr p99", "rr p99.9", "conn/s", "conn p99"
-    );
-    for (label, m) in [("direct", direct), ("through Ferry", ferry)] {
-        println!(
-            "    {:<14} {:>7.2} Gbit/s {:>7.1} µs {:>7.1} µs {:>7.1} µs {:>10.0} {:>8.1} µs",
-            label,
-            m.gbit_per_s,
-            m.rr.p50_us,
-            m.rr.p99_us,
-            m.rr.p999_us,
-            m.conn.rate_per_s,
-            m.conn.p99_us
-        );
+/// One column of the results: a name and how to get it from a way's
+/// medians.
+struct Column {
+    name: &'static str,
+    get: fn(&Measured, &Plan) -> Option<f64>,
+    digits: usize,
+}
+
+fn columns() -> Vec<Column> {
+    fn some(v: f64) -> Option<f64> {
+        (v > 0.0).then_some(v)
+    }
+    vec![
+        Column {
+            name: "Gbit/s 1 stream",
+            get: |m, _| some(m.gbit_per_s[0]),
+            digits: 2,
+        },
+        Column {
+            name: "Gbit/s 4 streams",
+            get: |m, _| some(m.gbit_per_s[1]),
+            digits: 2,
+        },
+        Column {
+            name: "RR p50 µs",
+            get: |m, _| some(m.rr.p50_us),
+            digits: 1,
+        },
+        Column {
+            name: "RR p99 µs",
+            get: |m, _| some(m.rr.p99_us),
+            digits: 1,
+        },
+        Column {
+            name: "RR p99.9 µs",
+            get: |m, _| some(m.rr.p999_us),
+            digits: 1,
+        },
+        Column {
+            name: "new conn/s",
+            get: |m, _| some(m.conn.rate_per_s),
+            digits: 0,
+        },
+        Column {
+            name: "RSS idle MiB",
+            get: |m, _| m.rss_idle_kib.map(|k| k / 1024.0),
+            digits: 1,
+        },
+        Column {
+            name: "KiB per idle conn",
+            get: |m, _| m.kib_per_idle(),
+            digits: 2,
+        },
+        Column {
+            name: "proxy CPU s/GB",
+            get: |m, _| m.cpu_per_gb(),
+            digits: 3,
+        },
+    ]
+}
+
+fn cell(v: Option<f64>, digits: usize) -> String {
+    v.map(|v| format!("{v:.digits$}"))
+        .unwrap_or_else(|| "-".into())
+}
+
+fn print_summary(medians: &[Measured; WAYS], plan: Plan) {
+    let cols = columns();
+    print!("\n    {:<14}", "");
+    for c in &cols {
+        print!(" {:>17}", c.name);
+    }
+    println!();
+    for (way, m) in Way::ALL.iter().zip(medians) {
+        print!("    {:<14}", way.label());
+        for c in &cols {
+            print!(" {:>17}", cell((c.get)(m, &plan), c.digits));
+        }
+        println!();
+    }
+    for (base, bi) in [("/ direct", 0), ("/ HAProxy", WAYS - 1)] {
+        for (way, m) in Way::ALL.iter().zip(medians).skip(1) {
+            if way == &Way::ALL[bi] {
+                continue;
+            }
+            print!("    {:<14}", format!("{} {base}", way.label()));
+            for c in &cols {
+                let r = match ((c.get)(m, &plan), (c.get)(&medians[bi], &plan)) {
+                    (Some(a), Some(b)) => ratio(a, b),
+                    _ => "-".into(),
+                };
+                print!(" {r:>17}");
+            }
+            println!();
+        }
     }
     println!(
-        "    {:<14} {:>13} {:>10} {:>10} {:>10} {:>10} {:>11}",
-        "Ferry/direct",
-        ratio(ferry.gbit_per_s, direct.gbit_per_s),
-        ratio(ferry.rr.p50_us, direct.rr.p50_us),
-        ratio(ferry.rr.p99_us, direct.rr.p99_us),
-        ratio(ferry.rr.p999_us, direct.rr.p999_us),
-        ratio(ferry.conn.rate_per_s, direct.conn.rate_per_s),
-        ratio(ferry.conn.p99_us, direct.conn.p99_us),
-    );
-    println!(
-        "    (throughput and conn/s: higher is better; latencies: lower is better. \
-         Client, Ferry and server\n    share this machine's CPUs, so timings are noisy.)"
+        "    (throughput and conn/s: higher is better; latencies, memory, CPU: lower is better. \
+         Client,\n    proxy and server share this machine's CPUs, so timings are noisy.)"
     );
 }
 
@@ -678,67 +1191,12 @@ fn results_markdown(
     command: &str,
     machine: &Machine,
     plan: Plan,
-    rounds: &[[Measured; 2]],
-    direct: &Measured,
-    ferry: &Measured,
+    rounds: &[[Measured; WAYS]],
+    medians: &[Measured; WAYS],
 ) -> String {
-    let mut rows: Vec<(String, String, String, String)> = Vec::new();
-    let mut row = |what: String, d: f64, f: f64, digits: usize| {
-        rows.push((
-            what,
-            format!("{d:.digits$}"),
-            format!("{f:.digits$}"),
-            ratio(f, d),
-        ));
-    };
-    row(
-        format!(
-            "Bulk throughput, iperf3 1 stream {} s (Gbit/s)",
-            plan.iperf_seconds
-        ),
-        direct.gbit_per_s,
-        ferry.gbit_per_s,
-        2,
-    );
-    for (name, d, f) in [
-        ("p50", direct.rr.p50_us, ferry.rr.p50_us),
-        ("p90", direct.rr.p90_us, ferry.rr.p90_us),
-        ("p99", direct.rr.p99_us, ferry.rr.p99_us),
-        ("p99.9", direct.rr.p999_us, ferry.rr.p999_us),
-        ("mean", direct.rr.mean_us, ferry.rr.mean_us),
-    ] {
-        row(
-            format!("Request/response {SIZE} B, one connection, {name} (µs)"),
-            d,
-            f,
-            1,
-        );
-    }
-    row(
-        "New connections per second (connect + echo + close)".into(),
-        direct.conn.rate_per_s,
-        ferry.conn.rate_per_s,
-        0,
-    );
-    for (name, d, f) in [
-        ("p50", direct.conn.p50_us, ferry.conn.p50_us),
-        ("p99", direct.conn.p99_us, ferry.conn.p99_us),
-    ] {
-        row(
-            format!("New connection + {SIZE} B round trip, {name} (µs)"),
-            d,
-            f,
-            1,
-        );
-    }
-
-    let cpu = |i: usize| {
-        ferry.ferry_cpu[i]
-            .map(|c| format!("{c:.2} s"))
-            .unwrap_or_else(|| "n/a".into())
-    };
+    let cols = columns();
     let mut s = String::new();
-    s.push_str("# Ferry benchmark: direct vs. through Ferry\n\n");
+    s.push_str("# Ferry benchmark: direct, through Ferry (splice and copy), through HAProxy\n\n");
     s.push_str(&format!(
         "Written by `{command}` (see `xtask/src/bench.rs`); rerun it to refresh this file.\n\n"
     ));
@@ -758,7 +1216,7 @@ fn results_markdown(
     ));
     s.push_str(&format!(
         "**Caveat:** client, proxy and server all run on this one machine and share its \
-         {} vCPUs: through Ferry, three busy processes compete for them instead of two, and \
+         {} vCPUs: through a proxy, three busy processes compete for them instead of two, and \
          every round trip needs two more wake-ups. Timings are noisy (expect several percent \
          between runs, and much more in the tails); {}. Compare the ratios, not the absolute \
          values, and do not compare across machines.\n\n",
@@ -777,74 +1235,138 @@ fn results_markdown(
             machine.load, machine.nproc
         ));
     }
-    s.push_str(
+    s.push_str(&format!(
         "## What runs\n\n\
          The integration harness's topology (`tests/src/lib.rs`): a node network namespace \
          with a bridge, a client pod `10.77.1.10` whose processes are in the cgroup Ferry \
-         enrolls, and a server pod `10.77.1.11` running `iperf3 -s` and `ferry-testkit serve \
-         --mode echo`; veth pairs join the pods to the bridge.\n\n\
-         - **direct**: the client connects to `10.77.1.11`. Ferry's connect4 program still \
-         runs for it and lets it pass.\n\
-         - **through Ferry**: the client connects to the service address `10.96.0.30`; \
-         connect4 redirects the connect to Ferry's listener on the node (`10.77.1.1:15001`), \
-         and Ferry connects to `10.77.1.11` and relays both directions.\n\n\
-         Each measurement checks it went the intended way (Ferry's \
-         `ferry_connections_opened_total` must not move during a direct run, and must during a \
-         run through Ferry).\n\n",
-    );
-    s.push_str(&format!(
-        "- Throughput: `iperf3 -c ADDR -t {} -P 1 -J`, `end.sum_received.bits_per_second` \
-         (sender retransmits, median: direct {}, through Ferry {}).\n\
+         enrolls, and a server pod `10.77.1.11` running `iperf3 -s`, `ferry-testkit serve \
+         --mode echo` and `ferry-testkit hold-server` (accepts and holds idle connections); \
+         veth pairs join the pods to the bridge.\n\n\
+         - **direct**: the client connects to `10.77.1.11`. Ferry's connect4 programs still \
+         run for it and let it pass.\n\
+         - **Ferry splice**: the client connects to the service address `{VIP}`; connect4 \
+         redirects the connect to Ferry's listener on the node (`10.77.1.1:15001`), and Ferry \
+         (`proxy.zero_copy: true`) connects to `10.77.1.11` and relays with splice(2).\n\
+         - **Ferry copy**: a second Ferry process (same binary, `proxy.zero_copy: false`, \
+         listener `:15101`) captures `{VIP_COPY}` the same way and relays by copying through \
+         a per-thread buffer.\n\
+         - **iptables->Ferry**: the client runs outside the enrolled cgroup (no eBPF capture) \
+         and connects to `{VIP_REDIRECT}`; an iptables `nat PREROUTING REDIRECT` rule in the \
+         node namespace sends it to a third Ferry process (no eBPF capture, splice relay, \
+         listener `:15201`), which reads the destination with `SO_ORIGINAL_DST`. What eBPF \
+         capture saves is the difference to **Ferry splice**. (A separate listener, because \
+         conntrack entries of REDIRECTed flows to the same listener clash with eBPF-captured \
+         flows, and netfilter then remaps their source ports.)\n\
+         - **HAProxy**: Debian's HAProxy in TCP mode, in the node namespace, listening on \
+         `{HAPROXY_ADDR}` (the node's loopback), one `listen` section per port with the server \
+         pod as its only server.\n\n\
+         Each measurement checks it went the intended way (the serving Ferry's \
+         `ferry_connections_opened_total` must move, the other Ferry's must not).\n\n\
+         - Throughput: `iperf3 -c ADDR -t {} -P 1|4 -J`, `end.sum_received.bits_per_second` \
+         (sender retransmits, 1 stream, median: {}).\n\
          - Request/response: `ferry-testkit rr-client --count {} --size {SIZE}`: one connection, \
-         TCP_NODELAY, write {SIZE} bytes and read the {SIZE}-byte echo, {} round trips after \
-         {} uncounted warm-up ones.\n\
+         TCP_NODELAY, write {SIZE} bytes and read the {SIZE}-byte echo, back to back (the rate \
+         is fixed by the round trip: one request in flight at a time).\n\
          - New connections: `ferry-testkit rr-client --new-connection --count {}`: each round \
-         trip on its own connection (connect, {SIZE} B each way, close), one after another.\n\n",
+         trip on its own connection (connect, {SIZE} B each way, close), one after another.\n\
+         - Resident memory: `VmRSS` of the proxy process right after start (idle, before any \
+         traffic), and while `ferry-testkit idle-client` holds {} idle connections through it \
+         (measured once the proxy holds both sockets of every one); per idle connection is \
+         (held − idle) / connections held. (9,900, not 10,000: a proxied connection takes two \
+         descriptors and the hard open-file limit here is 20,000, which root cannot raise \
+         without CAP_SYS_RESOURCE.)\n\
+         - In the client and node namespaces: `net.ipv4.ip_local_port_range=1024 65535` and \
+         `net.ipv4.tcp_tw_reuse=1`, for every way: the new-connection runs open tens of \
+         thousands of connections to one server port within TIME_WAIT's minute, and otherwise \
+         each connecting side (client, and each proxy from the node) ends up burning CPU in \
+         the search for a free ephemeral port.\n\
+         - CPU per GB: the proxy's utime + stime (`/proc/PID/stat`) during both throughput \
+         tests, divided by the bytes they moved.\n\n",
         plan.iperf_seconds,
-        direct.retransmits,
-        ferry.retransmits,
+        Way::ALL
+            .iter()
+            .zip(medians)
+            .map(|(w, m)| format!("{} {}", w.label(), m.retransmits))
+            .collect::<Vec<_>>()
+            .join(", "),
         plan.round_trips,
-        plan.round_trips,
-        (plan.round_trips / 10).min(100),
         plan.connections,
+        plan.idle_connections,
     ));
     s.push_str("## Results\n\n");
     if rounds.len() > 1 {
         s.push_str(&format!(
-            "Each measurement ran {} times (direct, then through Ferry, each time); every \
-             figure below is the median of its {} values. The rounds are listed after.\n\n",
+            "Each measurement ran {} times (every way, in turn, each time); every figure below \
+             is the median of its {} values; memory is measured once.\n\n",
             rounds.len(),
             rounds.len()
         ));
     }
-    s.push_str("| Measurement | direct | through Ferry | Ferry/direct |\n");
-    s.push_str("| --- | ---: | ---: | ---: |\n");
-    for (what, d, f, r) in &rows {
-        s.push_str(&format!("| {what} | {d} | {f} | {r} |\n"));
+    let header = |first: &str| {
+        let mut h = format!("| {first} |");
+        let mut sep = String::from("| --- |");
+        for c in &cols {
+            h.push_str(&format!(" {} |", c.name));
+            sep.push_str(" ---: |");
+        }
+        format!("{h}\n{sep}\n")
+    };
+    s.push_str(&header("Way"));
+    for (way, m) in Way::ALL.iter().zip(medians) {
+        s.push_str(&format!("| {} |", way.label()));
+        for c in &cols {
+            s.push_str(&format!(" {} |", cell((c.get)(m, &plan), c.digits)));
+        }
+        s.push('\n');
+    }
+    for (title, bi) in [("direct", 0), ("HAProxy", WAYS - 1)] {
+        s.push_str(&format!("\n### Ratio to {title}\n\n"));
+        s.push_str(&header("Way"));
+        for (way, m) in Way::ALL.iter().zip(medians) {
+            if *way == Way::ALL[bi] {
+                continue;
+            }
+            s.push_str(&format!("| {} / {title} |", way.label()));
+            for c in &cols {
+                let r = match ((c.get)(m, &plan), (c.get)(&medians[bi], &plan)) {
+                    (Some(a), Some(b)) => ratio(a, b),
+                    _ => "-".into(),
+                };
+                s.push_str(&format!(" {r} |"));
+            }
+            s.push('\n');
+        }
     }
     s.push_str(&format!(
-        "\nFor throughput and connections per second higher is better (a ratio below 1× is \
-         Ferry's cost); for latencies lower is better (a ratio above 1× is Ferry's cost).\n\n\
-         Ferry's own CPU time (user + system) during the runs through it: {} in the \
-         throughput test, {} in the request/response test, {} in the new-connections test.\n",
-        cpu(0),
-        cpu(1),
-        cpu(2)
+        "\nIdle connections each proxy held when its memory was read (of {}): {}.\n",
+        plan.idle_connections,
+        Way::ALL
+            .iter()
+            .zip(medians)
+            .skip(1)
+            .map(|(w, m)| format!("{} {}", w.label(), m.idle_held))
+            .collect::<Vec<_>>()
+            .join(", ")
     ));
+    s.push_str(
+        "\nFor throughput and connections per second higher is better; for latencies, memory \
+         and CPU lower is better. `-`: not applicable (direct has no proxy process).\n",
+    );
     if rounds.len() > 1 {
         s.push_str(
             "\n## Each round\n\n\
-             | Round | Way | Throughput (Gbit/s) | RR p50 (µs) | RR p99 (µs) | RR p99.9 (µs) \
-             | Connections/s |\n\
-             | ---: | --- | ---: | ---: | ---: | ---: | ---: |\n",
+             | Round | Way | Gbit/s 1 stream | Gbit/s 4 streams | RR p50 (µs) | RR p99 (µs) \
+             | RR p99.9 (µs) | Connections/s |\n\
+             | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: |\n",
         );
         for (r, round) in rounds.iter().enumerate() {
-            for (m, way) in round.iter().zip(Way::BOTH) {
+            for (m, way) in round.iter().zip(Way::ALL) {
                 s.push_str(&format!(
-                    "| {} | {} | {:.2} | {:.1} | {:.1} | {:.1} | {:.0} |\n",
+                    "| {} | {} | {:.2} | {:.2} | {:.1} | {:.1} | {:.1} | {:.0} |\n",
                     r + 1,
                     way.label(),
-                    m.gbit_per_s,
+                    m.gbit_per_s[0],
+                    m.gbit_per_s[1],
                     m.rr.p50_us,
                     m.rr.p99_us,
                     m.rr.p999_us,
@@ -876,8 +1398,8 @@ mod tests {
     #[test]
     fn parses_iperf_json() {
         let json = r#"{"start":{},"end":{"sum_sent":{"bits_per_second":2.5e10,"retransmits":3},
-                      "sum_received":{"bits_per_second":2.4e10}}}"#;
-        assert_eq!(parse_iperf(json).unwrap(), (2.4e10, 3));
+                      "sum_received":{"bits_per_second":2.4e10,"bytes":3e10}}}"#;
+        assert_eq!(parse_iperf(json).unwrap(), (2.4e10, 3, 3e10));
         let err = parse_iperf(r#"{"error":"unable to connect to server"}"#).unwrap_err();
         assert!(err.to_string().contains("unable to connect"), "{err}");
     }
@@ -887,16 +1409,16 @@ mod tests {
         assert_eq!(median(vec![3.0, 1.0, 2.0]), 2.0);
         assert_eq!(median(vec![4.0, 1.0, 2.0, 3.0]), 2.5);
         assert_eq!(median(Vec::new()), 0.0);
-        let mut rounds = [[Measured::default(); 2]; 3];
+        let mut rounds = [[Measured::default(); WAYS]; 3];
         for (r, g) in [(0, 9.0), (1, 1.0), (2, 5.0)] {
-            rounds[r][1].gbit_per_s = g;
+            rounds[r][1].gbit_per_s = [g, 2.0 * g];
             rounds[r][1].rr.p99_us = g * 10.0;
             rounds[r][1].ferry_cpu[2] = Some(g);
         }
         let m = median_of(&rounds, 1);
-        assert_eq!(m.gbit_per_s, 5.0);
+        assert_eq!(m.gbit_per_s, [5.0, 10.0]);
         assert_eq!(m.rr.p99_us, 50.0);
-        assert_eq!(m.ferry_cpu, [None, None, Some(5.0)]);
+        assert_eq!(m.ferry_cpu, [None, None, Some(5.0), None]);
     }
 
     #[test]
@@ -916,14 +1438,16 @@ mod tests {
 
     #[test]
     fn markdown_has_ratios() {
-        let direct = Measured {
-            gbit_per_s: 20.0,
+        let mk = |g: f64| Measured {
+            gbit_per_s: [g, g],
             ..Default::default()
         };
-        let ferry = Measured {
-            gbit_per_s: 5.0,
-            ..Default::default()
-        };
+        let mut medians = [mk(20.0), mk(5.0), mk(4.0), mk(4.5), mk(2.5)];
+        medians[1].rss_idle_kib = Some(1024.0);
+        medians[1].rss_held_kib = Some(1024.0 + 9_900.0 * 4.0);
+        medians[1].idle_held = 9_900;
+        medians[1].ferry_cpu = [Some(1.0), Some(1.0), None, None];
+        medians[1].bytes = [1e9, 1e9];
         let machine = Machine {
             date: "d".into(),
             load: "0.1 0.2 0.3".into(),
@@ -938,12 +1462,24 @@ mod tests {
             "cargo xtask bench",
             &machine,
             Plan::for_args(&BenchArgs::default()),
-            &[[direct, ferry]; 3],
-            &direct,
-            &ferry,
+            &[medians; 3],
+            &medians,
         );
-        assert!(md.contains("| 20.00 | 5.00 | 0.25× |"), "{md}");
-        assert!(md.contains("| 3 | through Ferry | 5.00 |"), "{md}");
+        // Ferry splice: 5 / 20 direct, 5 / 2.5 HAProxy; 1 MiB idle, 4 KiB per
+        // idle connection, 1 s of CPU per GB.
+        assert!(
+            md.contains("| Ferry splice | 5.00 | 5.00 | - | - | - | - | 1.0 | 4.00 | 1.000 |"),
+            "{md}"
+        );
+        assert!(
+            md.contains("| Ferry splice / direct | 0.25× | 0.25× |"),
+            "{md}"
+        );
+        assert!(
+            md.contains("| Ferry splice / HAProxy | 2.00× | 2.00× |"),
+            "{md}"
+        );
+        assert!(md.contains("| 3 | Ferry copy | 4.00 |"), "{md}");
         assert!(md.contains("Command: `cargo xtask bench`"), "{md}");
     }
 }

@@ -229,6 +229,11 @@ pub fn teardown(topology: Topology, keep_logs: bool) {
     let cgroup = topology.cgroup_root.clone();
     let dir = topology.dir.clone();
     drop(topology);
+    // The shared parent (`ferry-test`) too, when no other topology uses it:
+    // rmdir fails, harmlessly, while it has children.
+    if let Some(parent) = cgroup.parent() {
+        let _ = std::fs::remove_dir(parent);
+    }
     let listed = Command::new("ip")
         .args(["netns", "list"])
         .output()

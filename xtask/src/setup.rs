@@ -39,6 +39,7 @@ pub const RUNTIME_TOOLS: &[(&str, &str)] = &[
     ("iperf3", "iperf3"),
     ("wrk", "wrk"),
     ("haproxy", "haproxy"),
+    ("iptables", "iptables"),
     ("bpftool", "bpftool"),
     ("tshark", "tshark"),
     ("nftables", "nft"),

@@ -1,8 +1,9 @@
 //! `cargo xtask test`: the whole test suite, as CI runs it.
 //!
 //! Setup (eBPF toolchain and runtime tools), the eBPF build, a workspace
-//! build (so the agent embeds the fresh object), then `cargo test
-//! --workspace`. `CI` passes through to the tests; with `CI=true`,
+//! build (so the agent embeds the fresh object), `cargo test --workspace`,
+//! then `cargo xtask bench --quick` (its own release build, then about half
+//! a minute). `CI` passes through to the tests; with `CI=true`,
 //! `FERRY_REQUIRE_ROOT_TESTS=1` makes tests that need root fail instead of
 //! skipping. With `CI=true` it then fuzzes the inbound tunnel for 20 s
 //! (`cargo xtask fuzz`).
@@ -12,6 +13,7 @@ use std::time::Instant;
 
 use anyhow::{Context, Result};
 
+use crate::bench::BenchArgs;
 use crate::setup::{self, SetupArgs};
 use crate::util::{self, CleanEnv};
 
@@ -64,6 +66,21 @@ pub fn run(args: &TestArgs) -> Result<()> {
             seconds: 20,
             target: None,
         })?;
+    }
+
+    // The benchmark in its short mode, so it cannot rot: it builds what it
+    // needs, runs every way end to end (seconds each) and writes its results
+    // to a temporary file.
+    util::header("cargo xtask bench --quick");
+    if util::is_root() {
+        crate::bench::run(&BenchArgs {
+            quick: true,
+            write: false,
+        })?;
+    } else if ci {
+        anyhow::bail!("CI=true: the quick benchmark needs root (network namespaces, eBPF)");
+    } else {
+        println!("skipped: the quick benchmark needs root");
     }
 
     println!(

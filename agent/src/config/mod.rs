@@ -299,6 +299,9 @@ pub struct RawProxy {
     /// On SIGTERM, how long open connections may finish before they are
     /// closed. Default 30s.
     pub drain_deadline: Option<HumanDuration>,
+    /// Move plaintext payload with splice(2) instead of copying it through
+    /// user space. Default true.
+    pub zero_copy: Option<bool>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -489,6 +492,8 @@ pub struct Capture {
 pub struct Proxy {
     pub connect_timeout: Duration,
     pub drain_deadline: Duration,
+    /// splice(2) for plaintext legs (falls back to copying if refused).
+    pub zero_copy: bool,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -1104,6 +1109,7 @@ impl RawConfig {
             proxy: Proxy {
                 connect_timeout,
                 drain_deadline,
+                zero_copy: self.proxy.zero_copy.unwrap_or(true),
             },
             services,
             dns,

@@ -99,6 +99,7 @@ fn example_file_parses_with_documented_values() {
         proxy: Proxy {
             connect_timeout: Duration::from_secs(1),
             drain_deadline: Duration::from_secs(30),
+            zero_copy: true,
         },
         services: vec![
             Service {
@@ -266,7 +267,7 @@ listeners:
   metrics: \"127.0.0.1:7002\"
   readiness: \"127.0.0.1:7003\"
 capture: { enabled: false, bypass_mark: 7, ebpf_log: true }
-proxy: { connect_timeout: 250ms, drain_deadline: 1m30s }
+proxy: { connect_timeout: 250ms, drain_deadline: 1m30s, zero_copy: false }
 services:
   - name: web
     namespace: shop
@@ -283,6 +284,7 @@ services:
     assert!(c.capture.ebpf_log);
     assert_eq!(c.proxy.connect_timeout, Duration::from_millis(250));
     assert_eq!(c.proxy.drain_deadline, Duration::from_secs(90));
+    assert!(!c.proxy.zero_copy);
     assert_eq!(c.services[0].key(), "shop/web");
     assert_eq!(c.services[0].ports[0].target_port, 8080);
     assert_eq!(c.services[0].sets[0].endpoints[0].weight, 1_000_000);

@@ -1,6 +1,8 @@
 //! The outbound listener: accept a captured connection, find where it was
 //! going, pick an endpoint by weight, connect, relay.
 
+pub mod lean;
+pub mod original_dst;
 pub mod relay;
 
 use std::net::SocketAddr;
@@ -68,7 +70,9 @@ impl Failure {
     }
 }
 
-/// How the proxy learns a connection's original destination.
+/// How the proxy learns a connection's original destination. Both ways
+/// fall back to netfilter's record (`SO_ORIGINAL_DST`) for a connection
+/// sent to Ferry by iptables `REDIRECT`/`DNAT` instead of eBPF capture.
 #[derive(Debug, Clone)]
 pub enum Destinations {
     /// From the eBPF capture's connection map.
@@ -79,19 +83,35 @@ pub enum Destinations {
 }
 
 impl Destinations {
-    fn original(&self, peer: SocketAddr, local: SocketAddr) -> Result<Option<SocketAddr>, Failure> {
+    fn original(
+        &self,
+        stream: &TcpStream,
+        peer: SocketAddr,
+        local: SocketAddr,
+    ) -> Result<Option<SocketAddr>, Failure> {
+        let netfilter = || match original_dst::original_dst(stream, local) {
+            Ok(o) => Ok(o),
+            Err(e) => {
+                warn!(error = %e, "original destination lookup failed");
+                Err(Failure::LookupError)
+            }
+        };
         match self {
             Destinations::Ebpf(c) => match c.take_original(peer) {
-                Ok(o) => Ok(o.map(|o| o.dst)),
+                Ok(Some(o)) => Ok(Some(o.dst)),
+                Ok(None) => netfilter(),
                 Err(e) => {
                     warn!(error = %e, "original destination lookup failed");
                     Err(Failure::LookupError)
                 }
             },
-            Destinations::LocalAddress => Ok(Some(local)),
+            Destinations::LocalAddress => Ok(Some(netfilter()?.unwrap_or(local))),
         }
     }
 }
+
+/// Connection ids, shared by every accept loop.
+static NEXT_ID: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
 
 /// What every connection task needs.
 #[derive(Debug)]
@@ -105,6 +125,8 @@ pub struct Proxy {
     /// The HBONE client, for endpoints on other mesh nodes (`None`: such
     /// endpoints cannot be reached and count as failed attempts).
     pub tunnel: Option<Arc<crate::hbone::pool::Pool>>,
+    /// How payload is moved on plaintext legs (`proxy.zero_copy`).
+    pub relay_mode: lean::Mode,
 }
 
 /// Where a connection goes once an endpoint is picked.
@@ -125,6 +147,28 @@ enum AttemptError {
 
 /// Binds the outbound listener. A `[::]` address is made dual-stack.
 pub fn bind(addr: SocketAddr) -> Result<TcpListener, ProxyError> {
+    bind_one(addr, false)
+}
+
+/// Binds `n` (at least one) outbound listeners on the same address and port
+/// with `SO_REUSEPORT`: the kernel spreads new connections over them by flow
+/// hash, so each worker thread's accept loop gets its share instead of one
+/// loop accepting for all. Port 0 picks one port for all of them.
+pub fn bind_many(addr: SocketAddr, n: usize) -> Result<Vec<TcpListener>, ProxyError> {
+    let first = bind_one(addr, true)?;
+    let port = first
+        .local_addr()
+        .map_err(|source| ProxyError::Bind { addr, source })?
+        .port();
+    let mut all = vec![first];
+    let same = SocketAddr::new(addr.ip(), port);
+    for _ in 1..n.max(1) {
+        all.push(bind_one(same, true)?);
+    }
+    Ok(all)
+}
+
+fn bind_one(addr: SocketAddr, reuse_port: bool) -> Result<TcpListener, ProxyError> {
     let err = |source| ProxyError::Bind { addr, source };
     let sock = socket2::Socket::new(
         socket2::Domain::for_address(addr),
@@ -136,6 +180,9 @@ pub fn bind(addr: SocketAddr) -> Result<TcpListener, ProxyError> {
         sock.set_only_v6(false).map_err(err)?;
     }
     sock.set_reuse_address(true).map_err(err)?;
+    if reuse_port {
+        sock.set_reuse_port(true).map_err(err)?;
+    }
     sock.set_nonblocking(true).map_err(err)?;
     sock.set_tcp_nodelay(true).map_err(err)?;
     sock.bind(&addr.into()).map_err(err)?;
@@ -152,7 +199,6 @@ impl Proxy {
         stop: CancellationToken,
         kill: CancellationToken,
     ) {
-        let mut next_id: u64 = 0;
         loop {
             let (stream, peer) = tokio::select! {
                 _ = stop.cancelled() => break,
@@ -166,10 +212,10 @@ impl Proxy {
                     }
                 },
             };
-            next_id += 1;
+            let id = NEXT_ID.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1;
             let span = info_span!(
                 "conn",
-                id = next_id,
+                id,
                 client = %peer,
                 dst = tracing::field::Empty,
                 service = tracing::field::Empty,
@@ -200,7 +246,7 @@ impl Proxy {
                 return;
             }
         };
-        let dst = match self.destinations.original(peer, local) {
+        let dst = match self.destinations.original(&client, peer, local) {
             Ok(Some(d)) => d,
             Ok(None) => {
                 warn!("no original destination recorded for this connection; closing it");
@@ -353,7 +399,9 @@ impl Proxy {
             .clone();
         let observe = ByteCounters { up, down };
         let out = match upstream {
-            Upstream::Direct(s) => relay::relay_until(client, s, &observe, kill.cancelled()).await,
+            Upstream::Direct(s) => {
+                lean::relay_until(client, s, &observe, kill.cancelled(), self.relay_mode).await
+            }
             Upstream::Tunnel(t) => relay::relay_until(client, *t, &observe, kill.cancelled()).await,
         };
         info!(

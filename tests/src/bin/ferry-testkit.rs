@@ -9,7 +9,15 @@
 //! ferry-testkit reset-client --connect ADDR --send N
 //! ferry-testkit stream-client --connect ADDR --seconds S
 //! ferry-testkit connrate-client --connect ADDR --seconds S --concurrency C
+//! ferry-testkit hold-server --listen ADDR
+//! ferry-testkit idle-client --connect ADDR --count N --release FILE [--max-wait SECS]
 //! ```
+//!
+//! `hold-server` accepts connections and keeps them open, never reading or
+//! writing (one thread, no per-connection cost beyond the socket).
+//! `idle-client` opens N connections one after another, sends nothing,
+//! prints `holding N`, and keeps them open until FILE exists (at most
+//! `--max-wait` seconds, default 120). Both raise their open-file limit.
 //!
 //! * `http`: answers each request (one per connection) with
 //!   `HTTP/1.1 200`, body `id=ID peer=CLIENT_ADDR\n`, then closes; with
@@ -92,6 +100,8 @@ fn main() -> Result<()> {
         Some("reset-client") => reset_client(&args),
         Some("stream-client") => stream_client(&args),
         Some("connrate-client") => connrate_client(&args),
+        Some("hold-server") => hold_server(&args),
+        Some("idle-client") => idle_client(&args),
         _ => bail!(
             "usage: ferry-testkit serve|halfclose-client|rr-client|hold-client|reset-client ... (see the source's header)"
         ),
@@ -595,5 +605,97 @@ fn connrate_client(args: &[String]) -> Result<()> {
     }
     let secs = start.elapsed().as_secs_f64();
     println!("conns={ok} per_s={:.0} failed={failed}", ok as f64 / secs);
+    Ok(())
+}
+
+/// Raises the soft open-file limit to the hard one (and the hard one too
+/// when privileged), for processes that hold many sockets.
+fn raise_nofile(want: u64) {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: `lim` is a valid, writable rlimit for getrlimit to fill.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) } != 0 {
+        return;
+    }
+    for max in [want.max(lim.rlim_max), lim.rlim_max] {
+        let new = libc::rlimit {
+            rlim_cur: want.min(max),
+            rlim_max: max,
+        };
+        // SAFETY: `new` is a valid rlimit; setrlimit only reads it.
+        if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &new) } == 0 {
+            return;
+        }
+    }
+}
+
+fn hold_server(args: &[String]) -> Result<()> {
+    raise_nofile(1 << 17);
+    let listen: SocketAddr = need(args, "--listen")?.parse()?;
+    let listener = bind_dual(listen)?;
+    listener.set_nonblocking(true)?;
+    println!("listening on {listen} mode=hold");
+    std::io::stdout().flush()?;
+    let mut held: Vec<TcpStream> = Vec::new();
+    let mut buf = [0u8; 1];
+    loop {
+        let mut accepted = false;
+        loop {
+            match listener.accept() {
+                Ok((s, _)) => {
+                    s.set_nonblocking(true)?;
+                    held.push(s);
+                    accepted = true;
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
+                Err(e) => {
+                    eprintln!("accept: {e}");
+                    break;
+                }
+            }
+        }
+        // Let go of connections the client has ended (EOF or reset), so
+        // the descriptors do not pile up across runs.
+        held.retain(|s| {
+            matches!(s.peek(&mut buf), Err(ref e) if e.kind() == std::io::ErrorKind::WouldBlock)
+        });
+        if !accepted {
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+fn idle_client(args: &[String]) -> Result<()> {
+    raise_nofile(1 << 17);
+    let addr: SocketAddr = need(args, "--connect")?.parse()?;
+    let count: usize = need(args, "--count")?.parse()?;
+    let release = need(args, "--release")?;
+    let max_wait = Duration::from_secs(
+        arg(args, "--max-wait")
+            .map(|s| s.parse())
+            .transpose()?
+            .unwrap_or(120),
+    );
+    let start = Instant::now();
+    let mut held = Vec::with_capacity(count);
+    for i in 0..count {
+        let s = TcpStream::connect_timeout(&addr, Duration::from_secs(5))
+            .with_context(|| format!("connection {} of {count} to {addr}", i + 1))?;
+        held.push(s);
+        if start.elapsed() > max_wait {
+            bail!("only {} of {count} connections within {max_wait:?}", i + 1);
+        }
+    }
+    println!("holding {count}");
+    std::io::stdout().flush()?;
+    while !Path::new(&release).exists() {
+        if start.elapsed() > max_wait {
+            bail!("not released within {max_wait:?}");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    println!("released {}", held.len());
     Ok(())
 }
