@@ -697,6 +697,7 @@ impl Topology {
             .context("starting ferry")?;
         let pid = child.id();
         self.children.push((label.to_owned(), child));
+        let ready_port = readiness_port(config_yaml)?;
         let ferry = Ferry {
             label: label.to_owned(),
             pid,
@@ -715,13 +716,16 @@ impl Topology {
                 );
             }
             if ferry
-                .http("15021", "/ready")
+                .http(&ready_port, "/ready")
                 .is_ok_and(|(code, _)| code == 200)
             {
                 return Ok(ferry);
             }
             if start.elapsed() > Duration::from_secs(20) {
-                bail!("ferry not ready after 20s:\n{}", ferry.log_text());
+                bail!(
+                    "ferry not ready after 20s (/ready on port {ready_port}):\n{}",
+                    ferry.log_text()
+                );
             }
             std::thread::sleep(Duration::from_millis(25));
         }
@@ -869,7 +873,7 @@ impl Topology {
         let mut s = String::new();
         let _ = write!(
             s,
-            "node:\n  name: {}\nlisteners:\n  outbound: \"[::]:15001\"\n  metrics: \"0.0.0.0:15020\"\n  readiness: \"0.0.0.0:15021\"\n\
+            "node:\n  name: {}\nlisteners:\n  outbound: \"[::]:15001\"\n  metrics: \"0.0.0.0:15020\"\n  readiness: \"0.0.0.0:15021\"\n  inbound: \"[::]:15008\"\n\
              capture:\n  cgroups: [\"{}\"]\n  redirect_ipv4: {NODE_V4}\n  redirect_ipv6: \"{NODE_V6}\"\nproxy:\n  drain_deadline: 5s\nservices:\n{services_yaml}",
             self.name, self.enrolled_cgroup
         );
@@ -966,6 +970,26 @@ pub fn wait_for<T>(
 
 /// A running Ferry.
 #[derive(Debug, Clone)]
+/// The port of the readiness listener a Ferry config names
+/// (`listeners.readiness`), or Ferry's default 15021. Start-up waits on it,
+/// so that a second Ferry in one namespace is not taken for ready because
+/// the first one answers.
+fn readiness_port(config_yaml: &str) -> Result<String> {
+    let doc: serde_yaml_ng::Value =
+        serde_yaml_ng::from_str(config_yaml).context("the Ferry config is not YAML")?;
+    let Some(addr) = doc
+        .get("listeners")
+        .and_then(|l| l.get("readiness"))
+        .and_then(|a| a.as_str())
+    else {
+        return Ok("15021".to_owned());
+    };
+    let addr: std::net::SocketAddr = addr
+        .parse()
+        .with_context(|| format!("listeners.readiness {addr:?} is not IP:PORT"))?;
+    Ok(addr.port().to_string())
+}
+
 pub struct Ferry {
     pub label: String,
     pub pid: u32,

@@ -384,9 +384,10 @@ fn bench(
                 .replace("[::]:15001", "[::]:15101")
                 .replace("0.0.0.0:15020", "0.0.0.0:15120")
                 .replace("0.0.0.0:15021", "0.0.0.0:15121")
+                .replace("[::]:15008", "[::]:15108")
                 .replace("proxy:\n", "proxy:\n  zero_copy: false\n");
+            // start_ferry waits for this instance's own /ready (15121).
             let ferry_copy = t.start_ferry("ferry-copy", &config)?;
-            ferry_copy.wait_status("15121", "/ready", 200, Duration::from_secs(20))?;
             // The third: no eBPF capture; clients outside the enrolled
             // cgroup reach it by netfilter, REDIRECT to its listener. (Its
             // own port: REDIRECTed flows' conntrack entries would clash with
@@ -398,9 +399,9 @@ fn bench(
                 .replace("[::]:15001", "[::]:15201")
                 .replace("0.0.0.0:15020", "0.0.0.0:15220")
                 .replace("0.0.0.0:15021", "0.0.0.0:15221")
+                .replace("[::]:15008", "[::]:15208")
                 .replace("proxy:\n", "proxy:\n  zero_copy: true\n");
             let ferry_redirect = t.start_ferry("ferry-redirect", &config)?;
-            ferry_redirect.wait_status("15221", "/ready", 200, Duration::from_secs(20))?;
             let node = t.node_netns.clone();
             ferry_tests::run(
                 "ip",
