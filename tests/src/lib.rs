@@ -968,7 +968,6 @@ pub fn wait_for<T>(
     }
 }
 
-/// A running Ferry.
 /// The port of the readiness listener a Ferry config names
 /// (`listeners.readiness`), or Ferry's default 15021. Start-up waits on it,
 /// so that a second Ferry in one namespace is not taken for ready because
@@ -989,6 +988,7 @@ fn readiness_port(config_yaml: &str) -> Result<String> {
     Ok(addr.port().to_string())
 }
 
+/// A running Ferry.
 #[derive(Debug, Clone)]
 pub struct Ferry {
     pub label: String,
