@@ -680,7 +680,7 @@ fn kib(v: Option<f64>) -> String {
 }
 
 /// A process's resident memory (VmRSS, KiB).
-fn rss_kib(pid: u32) -> Option<f64> {
+pub(crate) fn rss_kib(pid: u32) -> Option<f64> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
     status
         .lines()
@@ -692,14 +692,14 @@ fn rss_kib(pid: u32) -> Option<f64> {
 }
 
 /// Open descriptors of a process.
-fn open_fds(pid: u32) -> usize {
+pub(crate) fn open_fds(pid: u32) -> usize {
     std::fs::read_dir(format!("/proc/{pid}/fd"))
         .map(|d| d.count())
         .unwrap_or(0)
 }
 
 /// The 1, 5 and 15 minute load averages, from /proc/loadavg.
-fn load_average() -> String {
+pub(crate) fn load_average() -> String {
     std::fs::read_to_string("/proc/loadavg")
         .map(|l| l.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
         .unwrap_or_else(|_| "unknown".into())

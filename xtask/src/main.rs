@@ -10,6 +10,7 @@ mod demo;
 mod ebpf;
 mod fuzz;
 mod setup;
+mod soak;
 mod test;
 mod util;
 
@@ -99,6 +100,14 @@ enum Task {
     /// Throughput and p50/p99 round-trip latency, and new connections per
     /// second with pooling on and off; results in tests/bench/TUNNEL.md.
     BenchTunnel(bench_tunnel::BenchTunnelArgs),
+
+    /// Steady load through Ferry for 10 minutes, its memory sampled (root).
+    ///
+    /// Connection churn, round trips on a long-lived connection and bulk
+    /// bursts at fixed rates; fails when Ferry's resident memory grows more
+    /// than --max-growth-kib after the warm-up or a client sees a failure.
+    /// Writes tests/bench/SOAK.md (--quick: 20 s, a temporary file).
+    Soak(soak::SoakArgs),
 }
 
 fn main() -> ExitCode {
@@ -111,6 +120,7 @@ fn main() -> ExitCode {
         Task::Bench(args) => bench::run(args),
         Task::Fuzz(args) => fuzz::run(args),
         Task::BenchTunnel(args) => bench_tunnel::run(args),
+        Task::Soak(args) => soak::run(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -190,5 +200,34 @@ mod tests {
         assert!(Cli::try_parse_from(["xtask", "demo", "--connections", "0"]).is_err());
         let cli = Cli::try_parse_from(["xtask", "bench", "--quick"]).unwrap();
         assert!(matches!(cli.command, Task::Bench(ref a) if a.quick && !a.write));
+    }
+
+    #[test]
+    fn soak_defaults_match_the_command_line() {
+        let cli = Cli::try_parse_from(["xtask", "soak"]).unwrap();
+        let Task::Soak(a) = cli.command else {
+            panic!("not the soak command");
+        };
+        let d = soak::SoakArgs::default();
+        assert_eq!(
+            (
+                a.seconds,
+                a.quick,
+                a.write,
+                a.conn_rate,
+                a.rr_rate,
+                a.max_growth_kib
+            ),
+            (
+                d.seconds,
+                d.quick,
+                d.write,
+                d.conn_rate,
+                d.rr_rate,
+                d.max_growth_kib
+            )
+        );
+        let cli = Cli::try_parse_from(["xtask", "soak", "--quick"]).unwrap();
+        assert!(matches!(cli.command, Task::Soak(ref a) if a.quick));
     }
 }

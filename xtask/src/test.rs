@@ -3,7 +3,7 @@
 //! Setup (eBPF toolchain and runtime tools), the eBPF build, a workspace
 //! build (so the agent embeds the fresh object), `cargo test --workspace`,
 //! then `cargo xtask bench --quick` (its own release build, then about half
-//! a minute). `CI` passes through to the tests; with `CI=true`,
+//! a minute) and `cargo xtask soak --quick` (20 s). `CI` passes through to the tests; with `CI=true`,
 //! `FERRY_REQUIRE_ROOT_TESTS=1` makes tests that need root fail instead of
 //! skipping. With `CI=true` it then fuzzes the inbound tunnel for 20 s
 //! (`cargo xtask fuzz`).
@@ -81,6 +81,19 @@ pub fn run(args: &TestArgs) -> Result<()> {
         anyhow::bail!("CI=true: the quick benchmark needs root (network namespaces, eBPF)");
     } else {
         println!("skipped: the quick benchmark needs root");
+    }
+
+    // The memory soak in its short mode (20 s), for the same reason.
+    util::header("cargo xtask soak --quick");
+    if util::is_root() {
+        crate::soak::run(&crate::soak::SoakArgs {
+            quick: true,
+            ..crate::soak::SoakArgs::default()
+        })?;
+    } else if ci {
+        anyhow::bail!("CI=true: the quick soak needs root (network namespaces, eBPF)");
+    } else {
+        println!("skipped: the quick soak needs root");
     }
 
     println!(

@@ -4,11 +4,11 @@
 //! ```text
 //! ferry-testkit serve --id ID --listen ADDR [--mode http|drain-then-reply|reset|report|echo] [--reply-bytes N] [--delay-ms MS] [--exit-after N]
 //! ferry-testkit halfclose-client --connect ADDR --send N
-//! ferry-testkit rr-client --connect ADDR --count N [--size BYTES] [--new-connection] [--max-seconds S]
+//! ferry-testkit rr-client --connect ADDR --count N [--size BYTES] [--new-connection] [--max-seconds S] [--rate PER_S]
 //! ferry-testkit hold-client --connect ADDR --send N --release FILE [--max-wait SECS]
 //! ferry-testkit reset-client --connect ADDR --send N
 //! ferry-testkit stream-client --connect ADDR --seconds S
-//! ferry-testkit connrate-client --connect ADDR --seconds S --concurrency C
+//! ferry-testkit connrate-client --connect ADDR --seconds S --concurrency C [--rate PER_S]
 //! ferry-testkit hold-server --listen ADDR
 //! ferry-testkit idle-client --connect ADDR --count N --release FILE [--max-wait SECS]
 //! ```
@@ -54,7 +54,9 @@
 //!
 //! `connrate-client` runs C threads for S seconds, each opening a new
 //! connection per one-byte exchange with an `echo` server, and prints
-//! `conns=N per_s=F failed=N`.
+//! `conns=N per_s=F failed=N`. With `--rate` (connections per second, all
+//! threads together) it paces itself open-loop instead of going flat out.
+//! `rr-client --rate` paces its round trips the same way.
 //!
 //! `rr-client` measures request/response latency against an `echo` server:
 //! each round trip writes `--size` bytes (default 64) and reads as many back.
@@ -443,6 +445,39 @@ fn rr_connect(addr: SocketAddr) -> Result<TcpStream> {
     Ok(s)
 }
 
+/// Open-loop pacing for `--rate`: the n-th operation starts no earlier
+/// than `offset + n / rate` seconds after the start (a late operation does
+/// not push the later ones back, so the average rate holds). Without a rate
+/// it never waits.
+struct Pace {
+    interval: Option<f64>,
+    next: f64,
+}
+
+impl Pace {
+    fn new(rate: Option<f64>, k: usize, of: usize) -> Pace {
+        let interval = rate.map(|r| 1.0 / r);
+        Pace {
+            interval,
+            next: interval.map_or(0.0, |i| i * k as f64 / of as f64),
+        }
+    }
+
+    /// Waits for the next slot (never past `limit` seconds after `start`).
+    fn wait(&mut self, start: Instant, limit: f64) {
+        let Some(interval) = self.interval else {
+            return;
+        };
+        let now = start.elapsed().as_secs_f64();
+        let due = self.next.min(limit);
+        if due > now {
+            // Pacing an open-loop load generator: the wait is the point.
+            std::thread::sleep(Duration::from_secs_f64(due - now));
+        }
+        self.next += interval;
+    }
+}
+
 /// The `q` quantile (0..=1) of sorted samples, by nearest rank.
 fn quantile(sorted: &[Duration], q: f64) -> Duration {
     if sorted.is_empty() {
@@ -464,6 +499,10 @@ fn rr_client(args: &[String]) -> Result<()> {
         .transpose()?
         .unwrap_or(60.0);
     let new_connection = args.iter().any(|a| a == "--new-connection");
+    let rate: Option<f64> = arg(args, "--rate").map(|s| s.parse()).transpose()?;
+    if rate.is_some_and(|r: f64| !(r > 0.0 && r <= 1e6)) {
+        bail!("--rate must be in (0, 1000000]");
+    }
     if size == 0 || count == 0 || !(max_seconds > 0.0 && max_seconds <= 3600.0) {
         bail!("--count and --size must be positive, --max-seconds in (0, 3600]");
     }
@@ -474,7 +513,9 @@ fn rr_client(args: &[String]) -> Result<()> {
     let start;
     if new_connection {
         start = Instant::now();
+        let mut pace = Pace::new(rate, 0, 1);
         while samples.len() < count && start.elapsed() < max {
+            pace.wait(start, max.as_secs_f64());
             let t = Instant::now();
             let mut s = rr_connect(addr)?;
             round_trip(&mut s, &req, &mut resp)?;
@@ -487,7 +528,9 @@ fn rr_client(args: &[String]) -> Result<()> {
             round_trip(&mut s, &req, &mut resp)?;
         }
         start = Instant::now();
+        let mut pace = Pace::new(rate, 0, 1);
         while samples.len() < count && start.elapsed() < max {
+            pace.wait(start, max.as_secs_f64());
             let t = Instant::now();
             round_trip(&mut s, &req, &mut resp)?;
             samples.push(t.elapsed());
@@ -573,13 +616,22 @@ fn stream_client(args: &[String]) -> Result<()> {
 fn connrate_client(args: &[String]) -> Result<()> {
     let addr: SocketAddr = need(args, "--connect")?.parse()?;
     let seconds: f64 = need(args, "--seconds")?.parse()?;
-    let threads: usize = need(args, "--concurrency")?.parse()?;
+    let threads: usize = need(args, "--concurrency")?.parse::<usize>()?.max(1);
+    let rate: Option<f64> = arg(args, "--rate").map(|s| s.parse()).transpose()?;
+    if rate.is_some_and(|r: f64| !(r > 0.0 && r <= 1e6)) {
+        bail!("--rate must be in (0, 1000000]");
+    }
     let start = Instant::now();
-    let handles: Vec<_> = (0..threads.max(1))
-        .map(|_| {
+    let handles: Vec<_> = (0..threads)
+        .map(|k| {
+            // Each thread's share of the rate, its slots offset from the
+            // others' so that the connections spread over each interval.
+            let pace = Pace::new(rate.map(|r| r / threads as f64), k, threads);
             std::thread::spawn(move || {
                 let (mut ok, mut failed) = (0u64, 0u64);
+                let mut pace = pace;
                 while start.elapsed().as_secs_f64() < seconds {
+                    pace.wait(start, seconds);
                     let r = bench_connect(addr).and_then(|mut s| {
                         s.write_all(b"x")?;
                         let mut b = [0u8; 1];
