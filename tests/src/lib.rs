@@ -181,6 +181,31 @@ pub fn run(cmd: &str, args: &[&str]) -> Result<String> {
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
+/// Sets sysctls (`key=value`) inside network namespace `netns`.
+pub fn sysctl(netns: &str, settings: &[&str]) -> Result<()> {
+    let mut args = vec!["netns", "exec", netns, "sysctl", "-qw"];
+    args.extend_from_slice(settings);
+    run("ip", &args).map(drop)
+}
+
+/// For load runs with tens of thousands of short connections to one server
+/// port within TIME_WAIT's minute: a wide ephemeral port range and TIME_WAIT
+/// reuse in each namespace that connects (the client's; the node's, where a
+/// proxy connects onward). Otherwise every connecting side soon spends its
+/// CPU searching for a free port.
+pub fn tune_for_connection_churn(netns: &[&str]) -> Result<()> {
+    for ns in netns {
+        sysctl(
+            ns,
+            &[
+                "net.ipv4.ip_local_port_range=1024 65535",
+                "net.ipv4.tcp_tw_reuse=1",
+            ],
+        )?;
+    }
+    Ok(())
+}
+
 static SEQ: AtomicU32 = AtomicU32::new(0);
 
 /// A pod: a network namespace with one interface on the node's bridge.
@@ -346,17 +371,7 @@ impl Topology {
             &["-n", &b, "route", "add", "10.77.1.0/24", "via", "10.77.0.1"],
         )?;
         for ns in [&a, &b] {
-            run(
-                "ip",
-                &[
-                    "netns",
-                    "exec",
-                    ns,
-                    "sysctl",
-                    "-qw",
-                    "net.ipv4.ip_forward=1",
-                ],
-            )?;
+            sysctl(ns, &["net.ipv4.ip_forward=1"])?;
         }
         let nb = NodeB {
             netns,

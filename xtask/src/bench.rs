@@ -313,24 +313,8 @@ fn bench(
             let client = t.add_pod("client", CLIENT_HOST)?;
             let server = t.add_pod("server", SERVER_HOST)?;
             // Thousands of short connections per run, all to one server
-            // port: with the default port range and no TIME_WAIT reuse, every
-            // connecting side (the client; each proxy, from the node) soon
-            // spends its CPU searching for a free ephemeral port. The same
-            // settings for every way.
-            for ns in [&t.node_netns.clone(), &client.netns] {
-                ferry_tests::run(
-                    "ip",
-                    &[
-                        "netns",
-                        "exec",
-                        ns,
-                        "sysctl",
-                        "-qw",
-                        "net.ipv4.ip_local_port_range=1024 65535",
-                        "net.ipv4.tcp_tw_reuse=1",
-                    ],
-                )?;
-            }
+            // port; the same settings for every way.
+            ferry_tests::tune_for_connection_churn(&[&t.node_netns, &client.netns])?;
             let port = IPERF_PORT.to_string();
             t.spawn(
                 "iperf3-server",

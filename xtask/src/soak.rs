@@ -117,23 +117,7 @@ fn soak(
         let t = slot.insert(Topology::new("soak")?);
         let client = t.add_pod("client", CLIENT_HOST)?;
         let server = t.add_pod("server", SERVER_HOST)?;
-        // Tens of thousands of short connections to one port in TIME_WAIT's
-        // minute: a wide port range and TIME_WAIT reuse on every connecting
-        // side (the client, and Ferry in the node namespace).
-        for ns in [&t.node_netns.clone(), &client.netns] {
-            ferry_tests::run(
-                "ip",
-                &[
-                    "netns",
-                    "exec",
-                    ns,
-                    "sysctl",
-                    "-qw",
-                    "net.ipv4.ip_local_port_range=1024 65535",
-                    "net.ipv4.tcp_tw_reuse=1",
-                ],
-            )?;
-        }
+        ferry_tests::tune_for_connection_churn(&[&t.node_netns, &client.netns])?;
         t.start_server(&server, ECHO_PORT, "echo", &["--mode", "echo"])?;
         t.start_server(&server, SINK_PORT, "sink", &["--mode", "sink"])?;
         let services = format!(
