@@ -27,6 +27,9 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, bail};
 
 pub mod fake_api;
+pub mod mesh;
+
+pub use mesh::{HBONE_PORT, LinkCapture, LinkReport, marker};
 
 /// Node address on the pod bridge (IPv4).
 pub const NODE_V4: Ipv4Addr = Ipv4Addr::new(10, 77, 1, 1);
@@ -968,8 +971,6 @@ pub fn wait_for<T>(
     }
 }
 
-/// A running Ferry.
-#[derive(Debug, Clone)]
 /// The port of the readiness listener a Ferry config names
 /// (`listeners.readiness`), or Ferry's default 15021. Start-up waits on it,
 /// so that a second Ferry in one namespace is not taken for ready because
@@ -990,6 +991,8 @@ fn readiness_port(config_yaml: &str) -> Result<String> {
     Ok(addr.port().to_string())
 }
 
+/// A running Ferry.
+#[derive(Debug, Clone)]
 pub struct Ferry {
     pub label: String,
     pub pid: u32,
