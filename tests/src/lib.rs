@@ -133,6 +133,27 @@ pub fn ferry_binary() -> Result<PathBuf> {
     )
 }
 
+/// The `xtask` binary (`cargo xtask`), for tests that run a task such as
+/// the demo: `$FERRY_XTASK`, or `xtask` in the target directory this binary
+/// was built in (`cargo xtask test` builds it first, as does any `cargo
+/// xtask` command).
+pub fn xtask_binary() -> Result<PathBuf> {
+    if let Some(p) = std::env::var_os("FERRY_XTASK") {
+        return Ok(PathBuf::from(p));
+    }
+    let exe = std::env::current_exe()?;
+    for dir in exe.ancestors().skip(1).take(3) {
+        let cand = dir.join("xtask");
+        if cand.is_file() {
+            return Ok(cand);
+        }
+    }
+    bail!(
+        "cannot find the xtask binary near {} (build it with `cargo build -p xtask`, or set FERRY_XTASK)",
+        exe.display()
+    )
+}
+
 /// The `ferry-testkit` binary (servers and clients for tests):
 /// `$FERRY_TESTKIT`, or the one cargo built alongside, or `ferry-testkit` in
 /// the target directory this binary was built in.
