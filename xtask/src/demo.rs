@@ -1,14 +1,19 @@
 //! `cargo xtask demo`: Ferry's main job, end to end, on this machine.
 //!
 //! From a fresh machine: setup (eBPF toolchain and runtime tools), the eBPF
-//! build, a release build of `ferry` and `ferry-testkit`, then the
-//! integration harness's topology (a node network namespace with a bridge, a
-//! client pod in the cgroup Ferry enrolls, three backend pods), Ferry with a
-//! generated config, and real connections from the client pod: N to the
-//! service's IPv4 address (the weighted split is shown as a table), 100 to
-//! its IPv6 address, one straight to a backend (which bypasses Ferry), and a
-//! few of Ferry's metrics. Then everything is torn down, also when the demo
-//! is interrupted with Ctrl-C (SIGINT) or SIGTERM.
+//! build, a release build of `ferry` and `ferry-testkit` (or binaries given
+//! with `--ferry-bin`/`--testkit-bin`), then the integration harness's
+//! topology: node A (a client pod in the cgroup Ferry enrolls, three backend
+//! pods) and node B (two backend pods) joined by a veth link, Ferry on both
+//! with one CA, and real connections from the client pod: N to the service's
+//! IPv4 address (the weighted split is shown as a table), 100 to its IPv6
+//! address, one straight to a backend (which bypasses Ferry), a failover,
+//! and the two-node scene: a service with endpoints on both nodes (node B's
+//! reached through the HBONE tunnel), split per backend and per node, while
+//! tshark on node A's end of the node link records what crossed it; the
+//! capture shows only TLS on port 15008 and never the random marker each
+//! request carried. Then a few of Ferry's metrics, and everything is torn
+//! down, also when the demo is interrupted with Ctrl-C (SIGINT) or SIGTERM.
 //!
 //! The pieces the bench shares (the stop flag, step headers, preparing the
 //! binaries) live here too.
