@@ -27,6 +27,9 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, bail};
 
 pub mod fake_api;
+pub mod mesh;
+
+pub use mesh::{HBONE_PORT, LinkCapture, LinkReport, marker};
 
 /// Node address on the pod bridge (IPv4).
 pub const NODE_V4: Ipv4Addr = Ipv4Addr::new(10, 77, 1, 1);
@@ -126,6 +129,27 @@ pub fn ferry_binary() -> Result<PathBuf> {
     }
     bail!(
         "cannot find the ferry binary near {} (build it with `cargo build -p ferry-agent`, or set FERRY_BIN)",
+        exe.display()
+    )
+}
+
+/// The `xtask` binary (`cargo xtask`), for tests that run a task such as
+/// the demo: `$FERRY_XTASK`, or `xtask` in the target directory this binary
+/// was built in (`cargo xtask test` builds it first, as does any `cargo
+/// xtask` command).
+pub fn xtask_binary() -> Result<PathBuf> {
+    if let Some(p) = std::env::var_os("FERRY_XTASK") {
+        return Ok(PathBuf::from(p));
+    }
+    let exe = std::env::current_exe()?;
+    for dir in exe.ancestors().skip(1).take(3) {
+        let cand = dir.join("xtask");
+        if cand.is_file() {
+            return Ok(cand);
+        }
+    }
+    bail!(
+        "cannot find the xtask binary near {} (build it with `cargo build -p xtask`, or set FERRY_XTASK)",
         exe.display()
     )
 }

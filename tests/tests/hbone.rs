@@ -15,7 +15,7 @@ use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
 use ferry_tests::{
-    Group, LINK_B, LINK_IFACE_A, Topology, count_ids, metric_value, root_test_can_run, which,
+    Group, LINK_B, LinkCapture, Topology, count_ids, marker, metric_value, root_test_can_run, which,
 };
 
 fn curl(t: &Topology, netns: &str, group: Group, args: &[&str]) -> Result<String> {
@@ -45,39 +45,6 @@ fn curl_fails(t: &Topology, netns: &str, group: Group, url: &str) -> Result<i32>
     Ok(out.status.code().unwrap_or(-1))
 }
 
-/// Sends SYNs from node A to node B's closed `port` (no payload) until the
-/// tshark log shows one (at most ~10 s).
-fn probe_until_captured(node_a: &str, log: &std::path::Path, port: u16) -> bool {
-    let needle = format!("→ {port} [SYN]");
-    for _ in 0..50 {
-        let _ = std::process::Command::new("nsenter")
-            .arg(format!("--net=/run/netns/{node_a}"))
-            .args(["curl", "-s", "--connect-timeout", "1"])
-            .arg(format!("http://{LINK_B}:{port}/"))
-            .output();
-        for _ in 0..10 {
-            if std::fs::read_to_string(log)
-                .unwrap_or_default()
-                .contains(&needle)
-            {
-                return true;
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-    false
-}
-
-fn marker() -> String {
-    use rand::Rng;
-    let mut r = rand::rng();
-    format!(
-        "FERRY-MARKER-{:016x}{:016x}",
-        r.random::<u64>(),
-        r.random::<u64>()
-    )
-}
-
 #[test]
 fn cross_node_tunnel_carries_only_tls_and_strict_refuses_plaintext() -> Result<()> {
     if !root_test_can_run("cross_node_tunnel_carries_only_tls_and_strict_refuses_plaintext") {
@@ -101,19 +68,8 @@ fn cross_node_tunnel_carries_only_tls_and_strict_refuses_plaintext() -> Result<(
     t.start_server(&b1, 8080, "rv1", &[])?;
     t.start_server(&b2, 8080, "rv2", &[])?;
 
-    // One CA for the cluster, as files (the test's own; Ferry generates
-    // and keeps workload keys in memory).
-    let ca = ferry::tls::LocalCa::generate("cluster.local")?;
-    let (ca_pem, key_pem) = ca.to_pem();
-    let ca_file = t.dir.join("ca.pem");
-    let key_file = t.dir.join("ca-key.pem");
-    std::fs::write(&ca_file, ca_pem)?;
-    std::fs::write(&key_file, key_pem)?;
-    let tls = format!(
-        "tls:\n  ca: {{ cert: \"{}\", key: \"{}\" }}\n  leaf_lifetime: 1h\n",
-        ca_file.display(),
-        key_file.display()
-    );
+    // One CA for the cluster, as files.
+    let tls = t.cluster_ca("1h")?;
 
     let services = "  - name: reviews
     namespace: shop
@@ -147,21 +103,7 @@ authorization:
     let ferry_a = t.start_ferry("ferry-a", &cfg_a)?;
 
     // Capture the node-to-node link while the client talks to the service.
-    let pcap = t.dir.join("link.pcapng");
-    let pcap_s = pcap.display().to_string();
-    let node_a = t.node_netns.clone();
-    t.spawn_in_netns(
-        "tshark",
-        &node_a,
-        "tshark",
-        &["-i", LINK_IFACE_A, "-f", "tcp", "-l", "-P", "-w", &pcap_s],
-    )?;
-    // tshark says it has started before packets are really captured: probe
-    // the link (a SYN to node B's closed port 9, no payload) until tshark
-    // shows one (bounded), then start.
-    let log = t.dir.join("tshark.log");
-    let seen = probe_until_captured(&node_a, &log, 9);
-    assert!(seen, "tshark never saw the probe on the link");
+    let capture = LinkCapture::start(&mut t, "tshark")?;
 
     let mark = marker();
     let header = format!("X-Ferry-Marker: {mark}");
@@ -189,78 +131,28 @@ authorization:
             .all(|l| l.contains(&format!("peer={}:", node_b.bridge_v4))),
         "{out}"
     );
-    // tshark prints packets in order: once a probe sent after the traffic
-    // shows, everything before it is in the file.
-    assert!(
-        probe_until_captured(&node_a, &log, 13),
-        "tshark never caught up with the traffic"
-    );
-    t.interrupt("tshark", Duration::from_secs(20))?;
+    let link = capture.finish(&mut t)?;
 
     // The capture: the marker never in clear, every payload byte TLS.
-    let raw = std::fs::read(&pcap).context("reading the capture")?;
-    assert!(raw.len() > 1000, "the capture saw the traffic");
-    let find = |needle: &[u8]| raw.windows(needle.len()).any(|w| w == needle);
+    assert!(link.raw.len() > 1000, "the capture saw the traffic");
     assert!(
-        !find(mark.as_bytes()),
+        !link.contains(mark.as_bytes()),
         "the client's marker crossed the link in clear"
     );
     assert!(
-        !find(b"id=rv1") && !find(b"id=rv2"),
+        !link.contains(b"id=rv1") && !link.contains(b"id=rv2"),
         "a pod's answer crossed in clear"
     );
-    assert!(!find(b"HTTP/1.1"), "HTTP crossed in clear");
-    let tshark = |filter: &str, fields: &[&str]| -> Result<String> {
-        let mut args = vec![
-            "-r",
-            pcap_s.as_str(),
-            "-d",
-            "tcp.port==15008,tls",
-            "-Y",
-            filter,
-            "-T",
-            "fields",
-        ];
-        for f in fields {
-            args.push("-e");
-            args.push(f);
-        }
-        ferry_tests::run("tshark", &args)
-    };
-    let payload_packets = tshark("tcp.len > 0", &["tcp.srcport", "tcp.dstport"])?;
-    let n_payload = payload_packets.lines().count();
+    assert!(!link.contains(b"HTTP/1.1"), "HTTP crossed in clear");
     assert!(
-        n_payload > 10,
-        "payload packets on the link: {payload_packets}"
+        link.payload_packets > 10,
+        "payload packets on the link: {}",
+        link.payload_packets
     );
+    link.check_tls_only()?;
     assert!(
-        payload_packets
-            .lines()
-            .all(|l| l.split_whitespace().any(|p| p == "15008")),
-        "every payload packet is to or from 15008:\n{payload_packets}"
-    );
-    // (Retransmitted segments are not dissected again; they repeat bytes
-    // already checked, and the raw search above covers them too.)
-    let not_tls = tshark(
-        "tcp.len > 0 && !tls && !tcp.analysis.retransmission && !tcp.analysis.fast_retransmission",
-        &["frame.number"],
-    )?;
-    assert!(
-        not_tls.trim().is_empty(),
-        "payload that is not TLS: {not_tls}"
-    );
-    let app_data = tshark("tls.record.opaque_type == 23", &["frame.number"])?;
-    assert!(
-        app_data.lines().count() > 5,
+        link.app_data_records > 5,
         "TLS application data on the link"
-    );
-    let versions = tshark(
-        "tls.handshake.type == 2",
-        &["tls.handshake.extensions.supported_version"],
-    )?;
-    assert!(
-        !versions.trim().is_empty() && versions.lines().all(|v| v.trim() == "0x0304"),
-        "every ServerHello negotiates TLS 1.3: {versions:?}"
     );
 
     // Metrics on both sides.
@@ -397,15 +289,7 @@ fn rotation_every_two_seconds_for_a_minute_drops_nothing() -> Result<()> {
     let client = t.add_pod("cli", 10)?;
     let server = t.add_pod_b("srv", 11)?;
     t.start_server(&server, 8080, "echo", &["--mode", "echo"])?;
-    let ca = ferry::tls::LocalCa::generate("cluster.local")?;
-    let (ca_pem, key_pem) = ca.to_pem();
-    std::fs::write(t.dir.join("ca.pem"), ca_pem)?;
-    std::fs::write(t.dir.join("ca-key.pem"), key_pem)?;
-    let tls = format!(
-        "tls:\n  ca: {{ cert: \"{}\", key: \"{}\" }}\n  leaf_lifetime: 4s\n",
-        t.dir.join("ca.pem").display(),
-        t.dir.join("ca-key.pem").display()
-    );
+    let tls = t.cluster_ca("4s")?;
     let services = "  - name: echo
     addresses: [10.96.0.50]
     ports: [{ port: 80, target_port: 8080 }]

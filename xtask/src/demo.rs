@@ -1,14 +1,19 @@
 //! `cargo xtask demo`: Ferry's main job, end to end, on this machine.
 //!
 //! From a fresh machine: setup (eBPF toolchain and runtime tools), the eBPF
-//! build, a release build of `ferry` and `ferry-testkit`, then the
-//! integration harness's topology (a node network namespace with a bridge, a
-//! client pod in the cgroup Ferry enrolls, three backend pods), Ferry with a
-//! generated config, and real connections from the client pod: N to the
-//! service's IPv4 address (the weighted split is shown as a table), 100 to
-//! its IPv6 address, one straight to a backend (which bypasses Ferry), and a
-//! few of Ferry's metrics. Then everything is torn down, also when the demo
-//! is interrupted with Ctrl-C (SIGINT) or SIGTERM.
+//! build, a release build of `ferry` and `ferry-testkit` (or binaries given
+//! with `--ferry-bin`/`--testkit-bin`), then the integration harness's
+//! topology: node A (a client pod in the cgroup Ferry enrolls, three backend
+//! pods) and node B (two backend pods) joined by a veth link, Ferry on both
+//! with one CA, and real connections from the client pod: N to the service's
+//! IPv4 address (the weighted split is shown as a table), 100 to its IPv6
+//! address, one straight to a backend (which bypasses Ferry), a failover,
+//! and the two-node scene: a service with endpoints on both nodes (node B's
+//! reached through the HBONE tunnel), split per backend and per node, while
+//! tshark on node A's end of the node link records what crossed it; the
+//! capture shows only TLS on port 15008 and never the random marker each
+//! request carried. Then a few of Ferry's metrics, and everything is torn
+//! down, also when the demo is interrupted with Ctrl-C (SIGINT) or SIGTERM.
 //!
 //! The pieces the bench shares (the stop flag, step headers, preparing the
 //! binaries) live here too.
@@ -21,7 +26,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
-use ferry_tests::{Ferry, Group, Pod, Topology, count_ids, metric_value};
+use ferry_tests::{Ferry, Group, LinkCapture, Pod, Topology, count_ids, marker, metric_value};
 
 use crate::setup::{self, SetupArgs};
 use crate::util::{self, CleanEnv};
@@ -36,6 +41,16 @@ pub struct DemoArgs {
     /// how to reach them.
     #[arg(long)]
     pub keep_running: bool,
+
+    /// Run with this `ferry` binary instead of setup, the eBPF build and a
+    /// release build (with --testkit-bin; the test suite uses its own
+    /// build). The runtime tools (curl, tshark) must be installed.
+    #[arg(long, requires = "testkit_bin", value_name = "PATH")]
+    pub ferry_bin: Option<PathBuf>,
+
+    /// The `ferry-testkit` binary to use with --ferry-bin.
+    #[arg(long, requires = "ferry_bin", value_name = "PATH")]
+    pub testkit_bin: Option<PathBuf>,
 }
 
 // ------------------------------------------------------------ shared pieces
@@ -150,12 +165,7 @@ pub struct Binaries {
 /// `ferry` and `ferry-testkit`, as three steps; then points the harness at
 /// the binaries (`FERRY_BIN`, `FERRY_TESTKIT`) and checks that it can run.
 pub fn prepare(steps: &mut Steps, stop: &Stop) -> Result<Binaries> {
-    if !util::is_root() {
-        bail!(
-            "this needs root: it creates network namespaces and cgroups and loads eBPF programs \
-             (run it as root)"
-        );
-    }
+    need_root()?;
     let toolchain = steps.run(stop, "Setup: eBPF toolchain and runtime tools", || {
         setup::run(&SetupArgs::default())
     })?;
@@ -170,6 +180,12 @@ pub fn prepare(steps: &mut Steps, stop: &Stop) -> Result<Binaries> {
         "Build ferry and ferry-testkit (release)",
         build_release,
     )?;
+    use_binaries(stop, bins)
+}
+
+/// Points the harness at the binaries (`FERRY_BIN`, `FERRY_TESTKIT`) and
+/// checks that it can run.
+fn use_binaries(stop: &Stop, bins: Binaries) -> Result<Binaries> {
     stop.check()?;
     // SAFETY: no other thread runs at this point: the signal handler was
     // installed without one, and every thread the command runner started
@@ -182,6 +198,37 @@ pub fn prepare(steps: &mut Steps, stop: &Stop) -> Result<Binaries> {
         bail!("the topology cannot be built here: {why}");
     }
     Ok(bins)
+}
+
+fn need_root() -> Result<()> {
+    if !util::is_root() {
+        bail!(
+            "this needs root: it creates network namespaces and cgroups and loads eBPF programs \
+             (run it as root)"
+        );
+    }
+    Ok(())
+}
+
+/// Uses binaries built elsewhere (`--ferry-bin`, `--testkit-bin`): no
+/// setup, no build.
+fn prebuilt(stop: &Stop, ferry: &Path, testkit: &Path) -> Result<Binaries> {
+    need_root()?;
+    for bin in [ferry, testkit] {
+        if !bin.is_file() {
+            bail!("{} does not exist", bin.display());
+        }
+    }
+    let bins = Binaries {
+        ferry: ferry.canonicalize()?,
+        testkit: testkit.canonicalize()?,
+    };
+    println!(
+        "Using {} and {} (no setup, no build).",
+        bins.ferry.display(),
+        bins.testkit.display()
+    );
+    use_binaries(stop, bins)
 }
 
 fn build_release() -> Result<Binaries> {
@@ -225,6 +272,7 @@ pub fn teardown(topology: Topology, keep_logs: bool) {
     let t = Instant::now();
     println!("\n==> Tear down");
     let mut netns = vec![topology.node_netns.clone()];
+    netns.extend(topology.node_b.iter().map(|b| b.netns.clone()));
     netns.extend(topology.pods().iter().map(|p| p.netns.clone()));
     let cgroup = topology.cgroup_root.clone();
     let dir = topology.dir.clone();
@@ -280,25 +328,68 @@ const BACKEND_PORT: u16 = 8080;
 
 struct Backend {
     id: &'static str,
+    /// On node B (`10.77.2.host`, reached through the HBONE tunnel), or on
+    /// node A (`10.77.1.host`, where the client and Ferry A run).
+    node_b: bool,
     host: u8,
     weight: u32,
+}
+
+impl Backend {
+    fn address(&self) -> String {
+        format!("10.77.{}.{}", if self.node_b { 2 } else { 1 }, self.host)
+    }
+
+    fn node(&self) -> &'static str {
+        if self.node_b { "node B" } else { "node A" }
+    }
 }
 
 const BACKENDS: [Backend; 3] = [
     Backend {
         id: "web-1",
+        node_b: false,
         host: 11,
         weight: 60,
     },
     Backend {
         id: "web-2",
+        node_b: false,
         host: 12,
         weight: 30,
     },
     Backend {
         id: "web-3",
+        node_b: false,
         host: 13,
         weight: 10,
+    },
+];
+
+/// The two-node service: one endpoint on node A (web-1, reached directly)
+/// and two pods on node B, reached through the mutual-TLS tunnel.
+const VIP_MESH: &str = "10.96.0.30";
+const NODE_B: &str = "node-b";
+const MESH_CONNECTIONS: usize = 200;
+
+const MESH_BACKENDS: [Backend; 3] = [
+    Backend {
+        id: "web-1",
+        node_b: false,
+        host: 11,
+        weight: 50,
+    },
+    Backend {
+        id: "web-4",
+        node_b: true,
+        host: 11,
+        weight: 25,
+    },
+    Backend {
+        id: "web-5",
+        node_b: true,
+        host: 12,
+        weight: 25,
     },
 ];
 
@@ -316,23 +407,82 @@ fn services_yaml() -> String {
     );
     for b in &BACKENDS {
         s.push_str(&format!(
-            "      - {{ address: 10.77.1.{}, weight: {} }}   # {}\n",
-            b.host, b.weight, b.id
+            "      - {{ address: {}, weight: {} }}   # {}\n",
+            b.address(),
+            b.weight,
+            b.id
+        ));
+    }
+    // Endpoints with a node and an identity are reached through that node's
+    // Ferry (HBONE, mutual TLS); the others directly.
+    s.push_str(&format!(
+        "  - name: web-mesh\n    namespace: default\n    addresses: [{VIP_MESH}]\n    \
+         ports: [{{ port: 80, target_port: {BACKEND_PORT} }}]\n    \
+         balancing: {{ algorithm: round_robin }}\n    \
+         endpoints:\n"
+    ));
+    for b in &MESH_BACKENDS {
+        let mesh = if b.node_b {
+            format!(", node: {NODE_B}, service_account: web")
+        } else {
+            String::new()
+        };
+        s.push_str(&format!(
+            "      - {{ address: {}, weight: {}{mesh} }}   # {} on {}\n",
+            b.address(),
+            b.weight,
+            b.id,
+            b.node()
         ));
     }
     s
 }
 
+/// Node A's mesh settings (after the services): the client pod's identity,
+/// where node B's Ferry listens, the cluster CA.
+fn node_a_mesh_yaml(tls: &str) -> String {
+    format!(
+        "workloads:\n  - {{ address: 10.77.1.{CLIENT_HOST}, service_account: client }}\n\
+         nodes:\n  {NODE_B}: \"{}:{}\"\n{tls}",
+        ferry_tests::LINK_B,
+        ferry_tests::HBONE_PORT
+    )
+}
+
+/// Node B's Ferry: no capture (no client there), the identities of its
+/// pods, the same CA; it accepts tunnels on 15008.
+fn node_b_yaml(tls: &str) -> String {
+    let mut s = format!(
+        "node: {{ name: {NODE_B} }}\ncapture: {{ enabled: false }}\nproxy: {{ drain_deadline: 5s }}\n\
+         workloads:\n"
+    );
+    for b in MESH_BACKENDS.iter().filter(|b| b.node_b) {
+        s.push_str(&format!(
+            "  - {{ address: {}, service_account: web }}   # {}\n",
+            b.address(),
+            b.id
+        ));
+    }
+    s.push_str(tls);
+    s
+}
+
 pub fn run(args: &DemoArgs) -> Result<()> {
     let stop = Stop::install()?;
-    let mut steps = Steps::new(11 + usize::from(args.keep_running));
+    let build_steps = if args.ferry_bin.is_some() { 0 } else { 3 };
+    let mut steps = Steps::new(build_steps + 10 + usize::from(args.keep_running));
     println!(
         "Ferry demo: pods connect to a service address; Ferry's eBPF programs send those \
-         connections\nto one proxy on the node, which spreads them over the backends by weight. \
-         Ctrl-C stops it\nand removes everything it created."
+         connections\nto one proxy on the node, which spreads them over the backends by weight, \
+         also to pods on\nanother node through a mutual-TLS tunnel. Ctrl-C stops it and removes \
+         everything it created."
     );
     let mut slot = None;
-    let result = prepare(&mut steps, &stop).and_then(|_| demo(args, &mut steps, &stop, &mut slot));
+    let prepared = match (&args.ferry_bin, &args.testkit_bin) {
+        (Some(ferry), Some(testkit)) => prebuilt(&stop, ferry, testkit),
+        _ => prepare(&mut steps, &stop),
+    };
+    let result = prepared.and_then(|_| demo(args, &mut steps, &stop, &mut slot));
     if stop.is_set() && !(args.keep_running && result.is_ok()) {
         println!("\n*** interrupted: stopping and cleaning up");
     }
@@ -360,35 +510,54 @@ fn demo(
     let n = args.connections as usize;
     let client = steps.run(
         stop,
-        "Create the topology: a node, a client pod, three backend pods",
+        "Create the topology: two nodes, a client pod, three backend pods on node A, two on node B",
         || {
             let t = slot.insert(Topology::new("demo")?);
+            t.add_second_node()?;
             let client = t.add_pod("client", CLIENT_HOST)?;
-            let mut pods = Vec::new();
-            for b in &BACKENDS {
+            for b in BACKENDS
+                .iter()
+                .chain(MESH_BACKENDS.iter().filter(|b| b.node_b))
+            {
                 stop.check()?;
-                let pod = t.add_pod(b.id, b.host)?;
+                let pod = if b.node_b {
+                    t.add_pod_b(b.id, b.host)?
+                } else {
+                    t.add_pod(b.id, b.host)?
+                };
                 t.start_server(&pod, BACKEND_PORT, b.id, &[])?;
-                pods.push(pod);
             }
-            print_topology(t, &client, &pods);
+            print_topology(t, &client);
             Ok(client)
         },
     )?;
     let t = slot.as_mut().context("the topology was just created")?;
 
-    let ferry = steps.run(stop, "Start Ferry with a generated config", || {
-        let config = t.ferry_config(&services_yaml());
+    let (ferry, ferry_b) = steps.run(stop, "Start Ferry on both nodes", || {
+        let tls = t.cluster_ca("1h")?;
+        let config_b = node_b_yaml(&tls);
+        let node_b = t.node_b.clone().context("node B was just created")?;
+        let ferry_b = t.start_ferry_in(&node_b.netns, "ferry-b", &config_b)?;
+        let config = format!(
+            "{}{}",
+            t.ferry_config(&services_yaml()),
+            node_a_mesh_yaml(&tls)
+        );
         let ferry = t.start_ferry("ferry", &config)?;
-        println!("    {}:", ferry.config.display());
+        println!("    node A: {}:", ferry.config.display());
         for line in config.lines() {
             println!("      {line}");
         }
         println!(
-            "    Ferry is ready (pid {}): connects from {} to {VIP4}:80 or [{VIP6}]:80 now go to Ferry",
-            ferry.pid, t.enrolled_cgroup
+            "    node B: {} (its pods' identities, the same CA; no capture)",
+            ferry_b.config.display()
         );
-        Ok(ferry)
+        println!(
+            "    Ferry is ready on both nodes (pids {} and {}): connects from {} to {VIP4}:80,\n    \
+             [{VIP6}]:80 or {VIP_MESH}:80 now go to Ferry on node A",
+            ferry.pid, ferry_b.pid, t.enrolled_cgroup
+        );
+        Ok((ferry, ferry_b))
     })?;
 
     let curl = tool("curl")?;
@@ -397,7 +566,7 @@ fn demo(
         &format!("{n} connections from the client pod to http://{VIP4}/"),
         || {
             let url = format!("http://{VIP4}/[1-{n}]");
-            let out = drive(t, stop, &client, &curl, &url, n)?;
+            let out = drive(t, stop, &client, &curl, &[], &url, n)?;
             check_split(&out, n, true)
         },
     )?;
@@ -407,7 +576,7 @@ fn demo(
         &format!("IPv6: 100 connections to http://[{VIP6}]/"),
         || {
             let url = format!("http://[{VIP6}]/[1-100]");
-            let out = drive(t, stop, &client, &curl, &url, 100)?;
+            let out = drive(t, stop, &client, &curl, &[], &url, 100)?;
             check_split(&out, 100, false)
         },
     )?;
@@ -430,19 +599,40 @@ fn demo(
         || restore(t, stop, &ferry, &client, &curl),
     )?;
 
+    let (capture, mark, on_b) = steps.run(
+        stop,
+        &format!(
+            "Two nodes: {MESH_CONNECTIONS} connections to http://{VIP_MESH}/, split over node A \
+             and node B"
+        ),
+        || cross_node(t, stop, &ferry, &ferry_b, &client, &curl),
+    )?;
+
+    steps.run(
+        stop,
+        "What crossed the node-to-node link: only TLS on port 15008",
+        || link_proof(t, capture, &mark, on_b, &ferry, &ferry_b),
+    )?;
+
     steps.run(stop, "Ferry's metrics", || {
-        let m = ferry.metrics()?;
         let interesting = |l: &&str| {
             l.starts_with("ferry_connections_opened_total")
                 || l.starts_with("ferry_tcp_bytes_total")
                 || l.starts_with("ferry_connect_retries_total")
                 || l.starts_with("ferry_endpoint_ejections_total")
+                || l.starts_with("ferry_hbone_connections_total")
+                || l.starts_with("ferry_hbone_streams_total")
+                || l.starts_with("ferry_certificates_issued_total")
                 || (l.starts_with("ferry_ebpf_events_total") && !l.ends_with(" 0"))
         };
-        let mut lines: Vec<&str> = m.lines().filter(interesting).collect();
-        lines.sort_unstable();
-        for line in lines {
-            println!("    {line}");
+        for (node, f) in [("node A", &ferry), ("node B", &ferry_b)] {
+            let m = f.metrics()?;
+            let mut lines: Vec<&str> = m.lines().filter(interesting).collect();
+            lines.sort_unstable();
+            println!("    {node}:");
+            for line in lines {
+                println!("      {line}");
+            }
         }
         Ok(())
     })?;
@@ -453,19 +643,45 @@ fn demo(
     Ok(())
 }
 
-fn print_topology(t: &Topology, client: &Pod, backends: &[Pod]) {
+fn print_topology(t: &Topology, client: &Pod) {
     println!(
-        "    node      netns {:<20} bridge 10.77.1.1/24, fd77:1::1/64; Ferry runs here",
+        "    node A    netns {:<20} bridge 10.77.1.1/24, fd77:1::1/64; Ferry runs here, captures the client",
         t.node_netns
     );
     println!(
         "    client    netns {:<20} {}, {}   cgroup {} (enrolled)",
         client.netns, client.v4, client.v6, t.enrolled_cgroup
     );
-    for (pod, b) in backends.iter().zip(&BACKENDS) {
+    for b in &BACKENDS {
         println!(
             "    {:<9} netns {:<20} {}:{BACKEND_PORT}   HTTP server, answers `id={} peer=...`",
-            b.id, pod.netns, pod.v4, b.id
+            b.id,
+            format!("{}-{}", t.name, b.id),
+            b.address(),
+            b.id
+        );
+    }
+    if let Some(node_b) = &t.node_b {
+        println!(
+            "    node B    netns {:<20} bridge {}/24; Ferry runs here, accepts the tunnel on port {}",
+            node_b.netns,
+            node_b.bridge_v4,
+            ferry_tests::HBONE_PORT
+        );
+        for b in MESH_BACKENDS.iter().filter(|b| b.node_b) {
+            println!(
+                "    {:<9} netns {:<20} {}:{BACKEND_PORT}   HTTP server, answers `id={} peer=...`",
+                b.id,
+                format!("{}-{}", t.name, b.id),
+                b.address(),
+                b.id
+            );
+        }
+        println!(
+            "    node link veth {} (node A, {}) <-> n1 (node B, {}), like two machines on one segment",
+            ferry_tests::LINK_IFACE_A,
+            ferry_tests::LINK_A,
+            ferry_tests::LINK_B
         );
     }
 }
@@ -477,16 +693,26 @@ fn drive(
     stop: &Stop,
     client: &Pod,
     curl: &Path,
+    extra: &[&str],
     url: &str,
     n: usize,
 ) -> Result<String> {
-    println!("    $ curl -sS '{url}'   (in the client pod)");
+    let shown: Vec<String> = extra.iter().map(|a| shell_quote(a)).collect();
+    let shown = if shown.is_empty() {
+        String::new()
+    } else {
+        format!("{} ", shown.join(" "))
+    };
+    println!("    $ curl -sS {shown}'{url}'   (in the client pod)");
+    let mut args = vec!["-sS", "--max-time", "10", "--connect-timeout", "5"];
+    args.extend_from_slice(extra);
+    args.push(url);
     let started = Instant::now();
     let out = t.exec_bounded(
         &client.netns,
         Group::Enrolled,
         curl,
-        &["-sS", "--max-time", "10", "--connect-timeout", "5", url],
+        &args,
         Duration::from_secs(60 + n as u64 / 10),
         Some(stop.flag()),
     )?;
@@ -499,11 +725,20 @@ fn drive(
     Ok(out)
 }
 
+/// `arg`, single-quoted when it has a space.
+fn shell_quote(arg: &str) -> String {
+    if arg.contains(' ') {
+        format!("'{arg}'")
+    } else {
+        arg.to_owned()
+    }
+}
+
 /// Prints the split table; fails unless every connection was answered by a
 /// backend (through Ferry: each saw the node's address as the peer).
 fn check_split(out: &str, n: usize, first: bool) -> Result<()> {
     let ids = count_ids(out);
-    print_split(&ids, n);
+    print_split(&BACKENDS, &ids, n);
     let answered: usize = ids.values().sum();
     let via_node = out
         .lines()
@@ -525,33 +760,60 @@ fn check_split(out: &str, n: usize, first: bool) -> Result<()> {
     Ok(())
 }
 
-fn print_split(ids: &BTreeMap<String, usize>, n: usize) {
-    let total_weight: u32 = BACKENDS.iter().map(|b| b.weight).sum();
+/// The split over `backends` as a table (with a node column and a per-node
+/// summary when some backends are on node B).
+fn print_split(backends: &[Backend], ids: &BTreeMap<String, usize>, n: usize) {
+    let two_nodes = backends.iter().any(|b| b.node_b);
+    let node_col = |s: &str| {
+        if two_nodes {
+            format!(" {s:<7}")
+        } else {
+            String::new()
+        }
+    };
+    let total_weight: u32 = backends.iter().map(|b| b.weight).sum();
     println!();
     println!(
-        "    {:<8} {:<16} {:>7} {:>12} {:>9} {:>11}",
-        "backend", "endpoint", "weight", "connections", "observed", "difference"
+        "    {:<8}{} {:<16} {:>7} {:>12} {:>9} {:>11}",
+        "backend",
+        node_col("node"),
+        "endpoint",
+        "weight",
+        "connections",
+        "observed",
+        "difference"
     );
     let pct = |count: usize| 100.0 * count as f64 / n.max(1) as f64;
-    for b in &BACKENDS {
-        let weight = 100.0 * f64::from(b.weight) / f64::from(total_weight);
-        let count = ids.get(b.id).copied().unwrap_or(0);
+    let row = |id: &str, node: &str, endpoint: &str, weight: u32, count: usize| {
+        let weight = 100.0 * f64::from(weight) / f64::from(total_weight.max(1));
         let observed = pct(count);
         println!(
-            "    {:<8} {:<16} {:>6.1}% {:>12} {:>8.1}% {:>+7.1} pts",
-            b.id,
-            format!("10.77.1.{}:{BACKEND_PORT}", b.host),
+            "    {:<8}{} {:<16} {:>6.1}% {:>12} {:>8.1}% {:>+7.1} pts",
+            id,
+            node_col(node),
+            endpoint,
             weight,
             count,
             observed,
             observed - weight
         );
+    };
+    for b in backends {
+        let count = ids.get(b.id).copied().unwrap_or(0);
+        row(
+            b.id,
+            b.node(),
+            &format!("{}:{BACKEND_PORT}", b.address()),
+            b.weight,
+            count,
+        );
     }
     for (id, count) in ids {
-        if !BACKENDS.iter().any(|b| b.id == id) {
+        if !backends.iter().any(|b| b.id == id) {
             println!(
-                "    {:<8} {:<16} {:>7} {:>12} {:>8.1}%",
+                "    {:<8}{} {:<16} {:>7} {:>12} {:>8.1}%",
                 id,
+                node_col(""),
                 "(unexpected)",
                 "-",
                 count,
@@ -562,17 +824,30 @@ fn print_split(ids: &BTreeMap<String, usize>, n: usize) {
     let answered: usize = ids.values().sum();
     if answered < n {
         println!(
-            "    {:<8} {:<16} {:>7} {:>12} {:>8.1}%",
+            "    {:<8}{} {:<16} {:>7} {:>12} {:>8.1}%",
             "none",
+            node_col(""),
             "(no answer)",
             "-",
             n - answered,
             pct(n - answered)
         );
     }
+    if two_nodes {
+        for (node, on_b, how) in [
+            ("node A", false, "direct"),
+            ("node B", true, "HBONE tunnel"),
+        ] {
+            let mine = || backends.iter().filter(move |b| b.node_b == on_b);
+            let weight: u32 = mine().map(|b| b.weight).sum();
+            let count: usize = mine().map(|b| ids.get(b.id).copied().unwrap_or(0)).sum();
+            row(node, "", how, weight, count);
+        }
+    }
     println!(
-        "    {:<8} {:<16} {:>6.1}% {:>12} {:>8.1}%",
+        "    {:<8}{} {:<16} {:>6.1}% {:>12} {:>8.1}%",
         "total",
+        node_col(""),
         "",
         100.0,
         answered,
@@ -687,7 +962,7 @@ fn failover(t: &mut Topology, stop: &Stop, ferry: &Ferry, client: &Pod, curl: &P
     let code = t.wait_exit("failover-load", Duration::from_secs(60))?;
     let out = t.log_text("failover-load");
     let ids = count_ids(&out);
-    print_split(&ids, 1000);
+    print_split(&BACKENDS, &ids, 1000);
     let answered: usize = ids.values().sum();
     if code != Some(0) || answered != 1000 || out.contains("curl:") {
         bail!("the client saw failures ({answered} of 1000 answered, curl exit {code:?})");
@@ -709,9 +984,199 @@ fn restore(t: &mut Topology, stop: &Stop, ferry: &Ferry, client: &Pod, curl: &Pa
         Ok(web2_metric(ferry, "ferry_endpoint_healthy")? == 1.0)
     })?;
     let url = format!("http://{VIP4}/[1-100]");
-    let out = drive(t, stop, client, curl, &url, 100)?;
+    let out = drive(t, stop, client, curl, &[], &url, 100)?;
     check_split(&out, 100, false)?;
     println!("    web-2 is back in rotation at its weight.");
+    Ok(())
+}
+
+/// Starts tshark on the node link, then opens [`MESH_CONNECTIONS`]
+/// connections to the two-node service, each carrying a random marker (in
+/// a header and in its body); prints the split per backend and per node and
+/// checks the tunnel counters on both nodes. Returns the running capture,
+/// the marker and how many connections went to node B.
+fn cross_node(
+    t: &mut Topology,
+    stop: &Stop,
+    ferry: &Ferry,
+    ferry_b: &Ferry,
+    client: &Pod,
+    curl: &Path,
+) -> Result<(LinkCapture, String, usize)> {
+    tool("tshark")?;
+    let capture = LinkCapture::start(t, "tshark")?;
+    println!(
+        "    tshark captures on {} (node A's end of the node link) from now on",
+        ferry_tests::LINK_IFACE_A
+    );
+    let mark = marker();
+    let body = t.dir.join("marker.txt");
+    std::fs::write(&body, format!("{mark}\n").repeat(20))?;
+    println!(
+        "    every request carries a random marker in a header and 20 times in its body: {mark}"
+    );
+    let outbound = r#"ferry_hbone_streams_total{direction="outbound"}"#;
+    let inbound = r#"ferry_hbone_streams_total{direction="inbound"}"#;
+    let (out0, in0) = (ferry.metric(outbound)?, ferry_b.metric(inbound)?);
+    let header = format!("X-Ferry-Marker: {mark}");
+    let data = format!("@{}", body.display());
+    let url = format!("http://{VIP_MESH}/[1-{MESH_CONNECTIONS}]");
+    let out = drive(
+        t,
+        stop,
+        client,
+        curl,
+        &["-H", &header, "--data-binary", &data],
+        &url,
+        MESH_CONNECTIONS,
+    )?;
+    let ids = count_ids(&out);
+    print_split(&MESH_BACKENDS, &ids, MESH_CONNECTIONS);
+
+    let answered: usize = ids.values().sum();
+    if answered != MESH_CONNECTIONS {
+        bail!("{answered} of {MESH_CONNECTIONS} connections were answered");
+    }
+    for b in &MESH_BACKENDS {
+        if ids.get(b.id).copied().unwrap_or(0) == 0 {
+            bail!("{} ({}) got no connection", b.id, b.node());
+        }
+    }
+    // Each pod sees its own node's Ferry as the peer.
+    let node_b_v4 = t.node_b.as_ref().context("node B")?.bridge_v4;
+    for line in out.lines().filter(|l| l.starts_with("id=")) {
+        let on_b = MESH_BACKENDS
+            .iter()
+            .any(|b| b.node_b && line.starts_with(&format!("id={} ", b.id)));
+        let want = if on_b {
+            format!(" peer={node_b_v4}:")
+        } else {
+            " peer=10.77.1.1:".to_owned()
+        };
+        if !line.contains(&want) {
+            bail!("expected{want}... in {line:?}");
+        }
+    }
+    let on_b: usize = MESH_BACKENDS
+        .iter()
+        .filter(|b| b.node_b)
+        .map(|b| ids.get(b.id).copied().unwrap_or(0))
+        .sum();
+    let (out1, in1) = (ferry.metric(outbound)?, ferry_b.metric(inbound)?);
+    if out1 - out0 != on_b as f64 || in1 - in0 != on_b as f64 {
+        bail!(
+            "{on_b} connections went to node B, but Ferry A opened {} tunnel streams and \
+             Ferry B accepted {}",
+            out1 - out0,
+            in1 - in0
+        );
+    }
+    println!(
+        "    web-1 saw Ferry A (10.77.1.1) as its peer; web-4 and web-5 saw Ferry B ({node_b_v4}).\n    \
+         Ferry A opened {} HBONE streams to node B and Ferry B accepted {}: one per connection\n    \
+         that went to node B, over mutual TLS to {}:{}.",
+        out1 - out0,
+        in1 - in0,
+        ferry_tests::LINK_B,
+        ferry_tests::HBONE_PORT
+    );
+    Ok((capture, mark, on_b))
+}
+
+/// The values of the field `key` of the events `message` in `log` (the
+/// fields after the message, not those of the spans before it).
+fn log_values(log: &str, message: &str, key: &str) -> Vec<String> {
+    let needle = format!("{key}=");
+    log.lines()
+        .filter_map(|l| l.split_once(message).map(|(_, fields)| fields))
+        .filter_map(|fields| {
+            fields
+                .split_whitespace()
+                .find_map(|w| w.strip_prefix(&needle))
+                .map(|v| v.trim_matches('"').to_owned())
+        })
+        .collect()
+}
+
+/// Distinct values, in order of first appearance, joined.
+fn distinct(values: &[String]) -> String {
+    let mut seen: Vec<&str> = Vec::new();
+    for v in values {
+        if !seen.contains(&v.as_str()) {
+            seen.push(v);
+        }
+    }
+    seen.join(", ")
+}
+
+/// Stops the capture and shows what crossed the link: only TLS on port
+/// 15008, never the marker or HTTP in clear; then who talked to whom, from
+/// both Ferry's logs.
+fn link_proof(
+    t: &mut Topology,
+    capture: LinkCapture,
+    mark: &str,
+    on_b: usize,
+    ferry: &Ferry,
+    ferry_b: &Ferry,
+) -> Result<()> {
+    let pcap = capture.pcap().to_owned();
+    let link = capture.finish(t)?;
+    println!(
+        "    $ tshark -i {} -f tcp -w {}   (node A, during the previous step)",
+        ferry_tests::LINK_IFACE_A,
+        pcap.display()
+    );
+    println!(
+        "    {} TCP packets ({} bytes) crossed the link; {} carried payload ({} bytes)",
+        link.packets, link.bytes, link.payload_packets, link.payload_bytes
+    );
+    link.check_tls_only()?;
+    println!(
+        "    every payload packet was TLS to or from port {}: {} handshake(s), all TLS 1.3 \
+         (ServerHello {}),\n    {} application-data records",
+        ferry_tests::HBONE_PORT,
+        link.server_hello_versions.len(),
+        distinct(&link.server_hello_versions),
+        link.app_data_records
+    );
+    let sent = MESH_CONNECTIONS * 21;
+    let mut clear = Vec::new();
+    for (what, needle) in [
+        (format!("the marker (sent {sent} times)"), mark),
+        ("`HTTP/1.1`".to_owned(), "HTTP/1.1"),
+        ("`id=web-4`".to_owned(), "id=web-4"),
+        ("`id=web-5`".to_owned(), "id=web-5"),
+    ] {
+        let found = link.contains(needle.as_bytes());
+        clear.push(format!(
+            "{what}: {}",
+            if found { "FOUND" } else { "0 times" }
+        ));
+        if found {
+            bail!("{what} crossed the node link in clear ({})", pcap.display());
+        }
+    }
+    println!(
+        "    searched the capture's {} raw bytes for clear text:\n      {}",
+        link.raw.len(),
+        clear.join("\n      ")
+    );
+
+    // Who talked to whom: the identities in the certificates, as logged.
+    ferry_b.wait_log_count("tunnel stream closed", on_b, Duration::from_secs(10))?;
+    let (log_a, log_b) = (ferry.log_text(), ferry_b.log_text());
+    let conns = log_values(&log_a, "tunnel connection open", "src");
+    println!(
+        "    identities: node A opened {} mutual-TLS connection(s) to {NODE_B} as {}\n      \
+         and verified node B's certificate as {};\n      \
+         node B relayed {} streams from {}",
+        conns.len(),
+        distinct(&conns),
+        distinct(&log_values(&log_a, "tunnel connection open", "peer")),
+        log_values(&log_b, "tunnel stream closed", "src").len(),
+        distinct(&log_values(&log_b, "tunnel stream closed", "src"))
+    );
     Ok(())
 }
 
@@ -734,6 +1199,7 @@ fn keep_running(t: &mut Topology, stop: &Stop) -> Result<()> {
         "      ip netns exec {} curl -s 127.0.0.1:15020/metrics",
         t.node_netns
     );
+    println!("      (the same with http://{VIP_MESH}/: split between node A and node B's pods)");
     println!("      less {}", t.dir.join("ferry.log").display());
     println!("    Press Ctrl-C to tear everything down.");
     loop {

@@ -66,13 +66,17 @@ enum Task {
     /// Show Ferry at work, from a fresh machine (needs root).
     ///
     /// Runs setup, build-ebpf and a release build of ferry and ferry-testkit,
-    /// then builds a node with a client pod and three backend pods in network
-    /// namespaces, starts Ferry with a generated config (service 10.96.0.20:80
-    /// and [fd96::20]:80, backends weighted 60/30/10), opens N connections
-    /// from the client pod to the service with curl and prints how they were
+    /// then builds two nodes in network namespaces (node A: a client pod and
+    /// three backend pods; node B: two backend pods; a veth link between
+    /// them), starts Ferry on both with one CA (service 10.96.0.20:80 and
+    /// [fd96::20]:80, backends weighted 60/30/10), opens N connections from
+    /// the client pod to the service with curl and prints how they were
     /// split, then 100 over IPv6, one direct connection that bypasses Ferry,
-    /// and a few of Ferry's metrics. Everything is removed at the end, also
-    /// on Ctrl-C.
+    /// a failover, and a two-node scene: 200 connections to 10.96.0.30:80,
+    /// split between node A's pod and node B's pods (through the mutual-TLS
+    /// tunnel), with tshark on the node link showing that only TLS crossed
+    /// and a random marker never did in clear. Then a few of Ferry's metrics.
+    /// Everything is removed at the end, also on Ctrl-C.
     Demo(demo::DemoArgs),
 
     /// Measure what going through Ferry costs (needs root).
