@@ -17,7 +17,11 @@
 //!
 //! The results go to `tests/bench/RESULTS.md`; a `--quick` run writes them to
 //! a temporary file instead (so a CI run leaves the tree clean) unless
-//! `--write` is given.
+//! `--write` is given. Then, in the same command, the cross-node rows: two
+//! nodes, the same two pods directly and through Ferry A -> mutual-TLS
+//! HBONE tunnel -> Ferry B, and new connections per second with pooling on
+//! and off (`ferry-bench-tunnel`, also `cargo xtask bench-tunnel` alone;
+//! results in `tests/bench/TUNNEL.md`, or a temporary file likewise).
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -266,14 +270,32 @@ pub fn run(args: &BenchArgs) -> Result<()> {
          copy relays)\nand through HAProxy. Ctrl-C stops it and removes everything."
     );
     let mut slot = None;
-    let result = demo::prepare(&mut steps, &stop)
-        .and_then(|bins| bench(args, plan, &bins, &mut steps, &stop, &mut slot));
+    let bins = match demo::prepare(&mut steps, &stop) {
+        Ok(bins) => bins,
+        Err(e) => return stop.outcome(Err(e)),
+    };
+    let result = bench(args, plan, &bins, &mut steps, &stop, &mut slot);
     if stop.is_set() {
         println!("\n*** interrupted: stopping and cleaning up");
     }
     if let Some(topology) = slot {
         demo::teardown(topology, result.is_err() && !stop.is_set());
     }
+    // Then the cross-node rows: two nodes, direct vs Ferry A -> mutual TLS
+    // tunnel -> Ferry B, pooling on and off (tests/bench/TUNNEL.md).
+    let result = result.and_then(|()| {
+        let out = if args.quick && !args.write {
+            std::env::temp_dir().join("ferry-bench-quick-TUNNEL.md")
+        } else {
+            util::workspace_root().join("tests/bench/TUNNEL.md")
+        };
+        let seconds = if args.quick { 1 } else { 5 };
+        let dir = bins
+            .ferry
+            .parent()
+            .context("the ferry binary has no directory")?;
+        crate::bench_tunnel::cross_node(&dir.join("ferry-bench-tunnel"), &bins.ferry, &out, seconds)
+    });
     let result = stop.outcome(result);
     if result.is_ok() {
         println!("\nBench finished in {}.", demo::secs(steps.elapsed()));

@@ -41,15 +41,30 @@ pub fn run(args: &BenchTunnelArgs) -> Result<()> {
     util::clean_cargo_env(&mut build, CleanEnv::Host);
     util::run(&mut build)?;
     let bin = util::target_dir(&root).join("release");
-    let out = root.join("tests/bench/TUNNEL.md");
-    util::header("ferry-bench-tunnel");
-    let mut bench = Command::new(bin.join("ferry-bench-tunnel"));
+    cross_node(
+        &bin.join("ferry-bench-tunnel"),
+        &bin.join("ferry"),
+        &root.join("tests/bench/TUNNEL.md"),
+        args.seconds,
+    )
+}
+
+/// Runs the cross-node benchmark program with release binaries that are
+/// already built (`cargo xtask bench` calls this after its own rows).
+pub fn cross_node(
+    bench_bin: &std::path::Path,
+    ferry_bin: &std::path::Path,
+    out: &std::path::Path,
+    seconds: u64,
+) -> Result<()> {
+    util::header("ferry-bench-tunnel (cross node: direct vs mutual TLS tunnel)");
+    let mut bench = Command::new(bench_bin);
     bench
-        .current_dir(&root)
-        .env("FERRY_BIN", bin.join("ferry"))
+        .current_dir(util::workspace_root())
+        .env("FERRY_BIN", ferry_bin)
         .arg("--out")
-        .arg(&out)
+        .arg(out)
         .arg("--seconds")
-        .arg(args.seconds.to_string());
+        .arg(seconds.to_string());
     util::run(&mut bench)
 }
