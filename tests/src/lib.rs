@@ -969,7 +969,6 @@ pub fn wait_for<T>(
 }
 
 /// A running Ferry.
-#[derive(Debug, Clone)]
 /// The port of the readiness listener a Ferry config names
 /// (`listeners.readiness`), or Ferry's default 15021. Start-up waits on it,
 /// so that a second Ferry in one namespace is not taken for ready because
@@ -990,6 +989,7 @@ fn readiness_port(config_yaml: &str) -> Result<String> {
     Ok(addr.port().to_string())
 }
 
+#[derive(Debug, Clone)]
 pub struct Ferry {
     pub label: String,
     pub pid: u32,
