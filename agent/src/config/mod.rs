@@ -304,8 +304,11 @@ pub struct RawProxy {
     pub zero_copy: Option<bool>,
     /// Join a captured client's socket to the upstream connection in the
     /// kernel (sockmap + sk_msg) when both legs are plaintext, so the
-    /// client's payload skips user space. Default true; ignored (with a
-    /// warning at start) when the kernel lacks the feature.
+    /// client's payload skips user space. Default false: on Linux 6.18 an
+    /// enrolled client socket's blocking reads can fail with EAGAIN and a
+    /// non-blocking client under back-pressure is not woken (see the
+    /// README). Ignored (with a warning at start) when the kernel lacks
+    /// the feature.
     pub socket_join: Option<bool>,
 }
 
@@ -1117,7 +1120,7 @@ impl RawConfig {
                 connect_timeout,
                 drain_deadline,
                 zero_copy: self.proxy.zero_copy.unwrap_or(true),
-                socket_join: self.proxy.socket_join.unwrap_or(true),
+                socket_join: self.proxy.socket_join.unwrap_or(false),
             },
             services,
             dns,
