@@ -35,10 +35,9 @@ fn setup(name: &str, join: bool) -> Result<(Topology, Pod, Ferry)> {
     let client = t.add_pod("cli", 10)?;
     let backend = t.add_pod("be", 11)?;
     t.start_server(&backend, 9100, "be", &["--mode", "hash"])?;
-    let cfg = t.ferry_config(SERVICE).replace(
-        "proxy:\n",
-        &format!("proxy:\n  socket_join: {join}\n"),
-    );
+    let cfg = t
+        .ferry_config(SERVICE)
+        .replace("proxy:\n", &format!("proxy:\n  socket_join: {join}\n"));
     let ferry = t.start_ferry("ferry", &cfg)?;
     Ok((t, client, ferry))
 }
@@ -58,7 +57,11 @@ fn field<'a>(line: &'a str, name: &str) -> &'a str {
 fn server_line(t: &mut Topology, n: usize) -> Result<String> {
     for _ in 0..200 {
         let log = t.log_text("server-be");
-        if let Some(l) = log.lines().filter(|l| l.starts_with("hash-ended")).nth(n - 1) {
+        if let Some(l) = log
+            .lines()
+            .filter(|l| l.starts_with("hash-ended"))
+            .nth(n - 1)
+        {
             return Ok(l.to_owned());
         }
         std::thread::sleep(Duration::from_millis(100));
@@ -74,8 +77,7 @@ fn transfer(
     ferry: &Ferry,
     n: usize,
     vip: &str,
-    up: u64,
-    down: u64,
+    (up, down): (u64, u64),
     extra: &[&str],
 ) -> Result<(String, String)> {
     let (up_s, down_s, seed) = (up.to_string(), down.to_string(), (n * 7919).to_string());
@@ -91,8 +93,7 @@ fn transfer(
         &seed,
     ];
     args.extend_from_slice(extra);
-    let out = client(t, cli, &args)
-        .with_context(|| format!("Ferry log:\n{}", ferry.log_text()))?;
+    let out = client(t, cli, &args).with_context(|| format!("Ferry log:\n{}", ferry.log_text()))?;
     let c = out.trim().to_owned();
     let s = server_line(t, n)?;
     let ctx = format!("client: {c}\nserver: {s}\nFerry log tail:\n{}", tail(ferry));
@@ -139,7 +140,7 @@ fn joined_large_payloads_half_close_and_back_pressure() -> Result<()> {
     );
 
     // 1. 64 MiB each way at once, IPv4.
-    transfer(&mut t, &cli, &ferry, 1, VIP4, 64 * MIB, 64 * MIB, &[])?;
+    transfer(&mut t, &cli, &ferry, 1, VIP4, (64 * MIB, 64 * MIB), &[])?;
     ferry.wait_metric(CLOSED, 1.0, WAIT)?;
     let m = ferry.metrics()?;
     assert_eq!(metric_value(&m, JOINED), 1.0, "{m}");
@@ -164,8 +165,7 @@ fn joined_large_payloads_half_close_and_back_pressure() -> Result<()> {
         &ferry,
         2,
         VIP4,
-        16 * MIB,
-        8 * MIB,
+        (16 * MIB, 8 * MIB),
         &["--after-eof"],
     )?;
     assert!(c.contains("end=eof"), "{c}");
@@ -179,17 +179,24 @@ fn joined_large_payloads_half_close_and_back_pressure() -> Result<()> {
         &ferry,
         3,
         VIP4,
-        48 * MIB,
-        MIB,
+        (48 * MIB, MIB),
         &["--pause-ms", "3000"],
     )?;
     assert!(started.elapsed() >= Duration::from_secs(3));
 
     // 4. IPv6, both ways.
-    transfer(&mut t, &cli, &ferry, 4, VIP6, 32 * MIB, 32 * MIB, &[])?;
+    transfer(&mut t, &cli, &ferry, 4, VIP6, (32 * MIB, 32 * MIB), &[])?;
 
     // 5. An event-driven (tokio, edge-triggered epoll) client, both ways.
-    transfer(&mut t, &cli, &ferry, 5, VIP4, 32 * MIB, 32 * MIB, &["--tokio"])?;
+    transfer(
+        &mut t,
+        &cli,
+        &ferry,
+        5,
+        VIP4,
+        (32 * MIB, 32 * MIB),
+        &["--tokio"],
+    )?;
 
     ferry.wait_metric(CLOSED, 5.0, WAIT)?;
     let m = ferry.metrics()?;
@@ -279,15 +286,14 @@ fn socket_join_off_relays_everything() -> Result<()> {
     }
     let (mut t, cli, ferry) = setup("sjoff", false)?;
     assert_eq!(ferry.metric(ENABLED)?, 0.0);
-    transfer(&mut t, &cli, &ferry, 1, VIP4, 16 * MIB, 16 * MIB, &[])?;
+    transfer(&mut t, &cli, &ferry, 1, VIP4, (16 * MIB, 16 * MIB), &[])?;
     transfer(
         &mut t,
         &cli,
         &ferry,
         2,
         VIP4,
-        4 * MIB,
-        MIB,
+        (4 * MIB, MIB),
         &["--after-eof"],
     )?;
     ferry.wait_metric(CLOSED, 2.0, WAIT)?;
@@ -319,8 +325,7 @@ fn joined_nonblocking_client_under_back_pressure() -> Result<()> {
         &ferry,
         1,
         VIP4,
-        48 * MIB,
-        MIB,
+        (48 * MIB, MIB),
         &["--tokio", "--pause-ms", "3000"],
     )?;
     Ok(())
@@ -344,8 +349,7 @@ fn joined_blocking_reader() -> Result<()> {
         &ferry,
         1,
         VIP4,
-        16 * MIB,
-        8 * MIB,
+        (16 * MIB, 8 * MIB),
         &["--after-eof", "--strict-reads"],
     )?;
     Ok(())

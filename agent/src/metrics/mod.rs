@@ -161,7 +161,9 @@ struct ReadGauge {
 
 impl std::fmt::Debug for ReadGauge {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("ReadGauge").field("name", &self.name).finish()
+        f.debug_struct("ReadGauge")
+            .field("name", &self.name)
+            .finish()
     }
 }
 

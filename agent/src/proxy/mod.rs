@@ -227,7 +227,8 @@ impl Proxy {
             );
             let this = self.clone();
             let kill = kill.clone();
-            tracker.spawn(async move { this.handle(id, stream, peer, &kill).await }.instrument(span));
+            tracker
+                .spawn(async move { this.handle(id, stream, peer, &kill).await }.instrument(span));
         }
         debug!("outbound listener closed");
     }

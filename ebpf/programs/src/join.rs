@@ -56,8 +56,7 @@ static FERRY_JOIN_SRC: SockHash<JoinKey> = SockHash::with_max_entries(MAX_IN_FLI
 static FERRY_JOIN_DST: SockHash<u64> = SockHash::with_max_entries(MAX_IN_FLIGHT, 0);
 
 #[map(name = "FERRY_JOIN_STATE")]
-static FERRY_JOIN_STATE: HashMap<JoinKey, JoinState> =
-    HashMap::with_max_entries(MAX_IN_FLIGHT, 0);
+static FERRY_JOIN_STATE: HashMap<JoinKey, JoinState> = HashMap::with_max_entries(MAX_IN_FLIGHT, 0);
 
 #[map(name = "FERRY_JOIN_REC")]
 static FERRY_JOIN_REC: HashMap<JoinKey, JoinRecord> =
@@ -153,7 +152,7 @@ pub fn ferry_join_enroll(ctx: SockOpsContext) -> u32 {
         // args[1] is the new state. Only sockets we enrolled asked for
         // state callbacks.
         if ctx.arg(1) == BPF_TCP_CLOSE {
-            let _ = FERRY_JOIN_STATE.remove(&key);
+            let _ = FERRY_JOIN_STATE.remove(key);
         }
         return 0;
     }
@@ -169,7 +168,7 @@ pub fn ferry_join_enroll(ctx: SockOpsContext) -> u32 {
     // A fresh state for this connection: whatever an earlier connection
     // with the same addresses left behind is overwritten here.
     if FERRY_JOIN_STATE
-        .insert(&key, &JoinState::default(), 0)
+        .insert(key, JoinState::default(), 0)
         .is_err()
     {
         count(Counter::JoinEnrollErrors);
@@ -177,8 +176,11 @@ pub fn ferry_join_enroll(ctx: SockOpsContext) -> u32 {
     }
     let mut k = key;
     // SAFETY: `ops` is this program's context pointer, valid for the call.
-    if FERRY_JOIN_SRC.update(&mut k, unsafe { &mut *ops }, 0).is_err() {
-        let _ = FERRY_JOIN_STATE.remove(&key);
+    if FERRY_JOIN_SRC
+        .update(&mut k, unsafe { &mut *ops }, 0)
+        .is_err()
+    {
+        let _ = FERRY_JOIN_STATE.remove(key);
         count(Counter::JoinEnrollErrors);
         return 0;
     }
@@ -224,10 +226,7 @@ pub fn ferry_join_msg(ctx: SkMsgContext) -> u32 {
         };
         (words_to_bytes(l), words_to_bytes(r))
     } else {
-        (
-            v4_mapped(lip4.to_ne_bytes()),
-            v4_mapped(rip4.to_ne_bytes()),
-        )
+        (v4_mapped(lip4.to_ne_bytes()), v4_mapped(rip4.to_ne_bytes()))
     };
     let key = JoinKey {
         client_addr: client,
@@ -235,7 +234,7 @@ pub fn ferry_join_msg(ctx: SkMsgContext) -> u32 {
         client_port: (lport as u16).to_be_bytes(),
         ferry_port: remote_port_bytes(rport),
     };
-    let Some(state) = FERRY_JOIN_STATE.get_ptr_mut(&key) else {
+    let Some(state) = FERRY_JOIN_STATE.get_ptr_mut(key) else {
         count(Counter::JoinPassed);
         return SK_PASS;
     };
@@ -258,7 +257,7 @@ pub fn ferry_join_msg(ctx: SkMsgContext) -> u32 {
     }
     // SAFETY: copied out at once; Ferry replaces the record as a whole and
     // the map is not preallocated, so a reader never sees a torn value.
-    if let Some(rec) = unsafe { FERRY_JOIN_REC.get(&key) }.copied()
+    if let Some(rec) = unsafe { FERRY_JOIN_REC.get(key) }.copied()
         && rec.forwarded == st.passed
     {
         let mut target = rec.target;

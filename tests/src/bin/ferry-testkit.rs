@@ -862,7 +862,11 @@ fn serve_hash(mut s: TcpStream) -> Result<()> {
         }
         if reset_after > 0 && d.len >= reset_after {
             socket2::SockRef::from(&s).set_linger(Some(Duration::ZERO))?;
-            println!("hash-ended got={} hash={} end=reset-sent", d.len, d.finish());
+            println!(
+                "hash-ended got={} hash={} end=reset-sent",
+                d.len,
+                d.finish()
+            );
             std::io::stdout().flush()?;
             return Ok(());
         }
@@ -873,7 +877,9 @@ fn serve_hash(mut s: TcpStream) -> Result<()> {
         }
     };
     let (sd, send_end) = match writer {
-        Some(h) => h.join().unwrap_or_else(|_| (Digest::default(), "panic".into())),
+        Some(h) => h
+            .join()
+            .unwrap_or_else(|_| (Digest::default(), "panic".into())),
         None if end == "eof" => {
             let r = send_payload(&mut s, send, reply_seed);
             let _ = s.shutdown(Shutdown::Write);
@@ -938,7 +944,11 @@ fn hash_client(args: &[String]) -> Result<()> {
         std::thread::sleep(Duration::from_millis(500));
         socket2::SockRef::from(&s).set_linger(Some(Duration::ZERO))?;
         drop(s);
-        println!("aborted sent={} sent_hash={} send_end={end}", d.len, d.finish());
+        println!(
+            "aborted sent={} sent_hash={} send_end={end}",
+            d.len,
+            d.finish()
+        );
         return Ok(());
     }
     let mut w = s.try_clone()?;
@@ -997,8 +1007,10 @@ fn hash_client_tokio(args: &[String]) -> Result<()> {
         let s = tokio::time::timeout(limit, tokio::net::TcpStream::connect(addr)).await??;
         let (mut r, mut w) = s.into_split();
         w.write_all(
-            format!("send={reply} seed={seed} pause_ms={pause} after_eof={after_eof} reset_after=0\n")
-                .as_bytes(),
+            format!(
+                "send={reply} seed={seed} pause_ms={pause} after_eof={after_eof} reset_after=0\n"
+            )
+            .as_bytes(),
         )
         .await?;
         let mut ok = [0u8; 3];
