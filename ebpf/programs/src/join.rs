@@ -55,8 +55,11 @@ static FERRY_JOIN_SRC: SockHash<JoinKey> = SockHash::with_max_entries(MAX_IN_FLI
 #[map(name = "FERRY_JOIN_DST")]
 static FERRY_JOIN_DST: SockHash<u64> = SockHash::with_max_entries(MAX_IN_FLIGHT, 0);
 
+/// Not preallocated either: entries exist only for open client sockets,
+/// so an idle node does not pin MAX_IN_FLIGHT entries of kernel memory.
 #[map(name = "FERRY_JOIN_STATE")]
-static FERRY_JOIN_STATE: HashMap<JoinKey, JoinState> = HashMap::with_max_entries(MAX_IN_FLIGHT, 0);
+static FERRY_JOIN_STATE: HashMap<JoinKey, JoinState> =
+    HashMap::with_max_entries(MAX_IN_FLIGHT, NO_PREALLOC);
 
 #[map(name = "FERRY_JOIN_REC")]
 static FERRY_JOIN_REC: HashMap<JoinKey, JoinRecord> =
