@@ -194,6 +194,7 @@ pub async fn run_with(
             &config.capture,
             outbound_port,
             &state.load(),
+            config.proxy.socket_join,
         )?))
     } else {
         None
@@ -240,11 +241,26 @@ pub async fn run_with(
         balance_metrics: balance_metrics.clone(),
         tunnel: Some(pool.clone()),
         relay_mode: proxy::lean::Mode::from_zero_copy(config.proxy.zero_copy),
+        socket_join: capture.clone().filter(|c| c.socket_join_enabled()),
     });
     let maintenance_stop = CancellationToken::new();
     tokio::spawn(maintain(state.clone(), maintenance_stop.clone()));
     if let Some(c) = &capture {
         metrics.register_ebpf(Arc::new(CaptureCounters(c.clone())));
+    }
+    {
+        let c = capture.clone();
+        metrics.register_read_gauge(
+            "ferry_socket_join_enabled",
+            "1 when in-kernel socket joining (proxy.socket_join) is in use, 0 when off or unsupported",
+            Box::new(move || i64::from(c.as_ref().is_some_and(|c| c.socket_join_enabled()))),
+        );
+        let c = capture.clone();
+        metrics.register_read_counter(
+            "ferry_socket_join_connections",
+            "Connections whose client socket was set up to be joined to the upstream socket in the kernel",
+            Box::new(move || c.as_ref().map_or(0, |c| c.joined_connections())),
+        );
     }
 
     let tracker = TaskTracker::new();

@@ -142,6 +142,7 @@ fn start(listener: TcpListener, yaml: &str) -> Running {
         balance_metrics: Arc::new(ferry::balance::BalanceMetrics::default()),
         tunnel: None,
         relay_mode: ferry::proxy::lean::Mode::from_zero_copy(config.proxy.zero_copy),
+        socket_join: None,
     });
     let service = listener.local_addr().unwrap();
     let stop = CancellationToken::new();

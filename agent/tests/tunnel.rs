@@ -234,6 +234,7 @@ authorization:
         balance_metrics: Arc::new(ferry::balance::BalanceMetrics::default()),
         tunnel: Some(pool.clone()),
         relay_mode: ferry::proxy::lean::Mode::from_zero_copy(true),
+        socket_join: None,
     });
     let inb = Arc::new(Inbound {
         tls: tls_b.clone(),

@@ -3,7 +3,8 @@
 //!
 //! One client pod and one server pod; in one run, each measurement goes
 //! every way in turn: direct; Ferry with eBPF capture and the splice relay;
-//! a second Ferry process with the copy relay; Ferry (splice) reached by
+//! a second Ferry process with the copy relay; a fourth with splice and
+//! in-kernel socket joining (`proxy.socket_join`); Ferry (splice) reached by
 //! iptables `REDIRECT` instead of eBPF (the client outside the enrolled
 //! cgroup); HAProxy in TCP mode on the node. Measured:
 //!
@@ -86,6 +87,9 @@ const SERVER_HOST: u8 = 11;
 const VIP: &str = "10.96.0.30";
 /// The service address the second Ferry (copy relay) captures.
 const VIP_COPY: &str = "10.96.0.31";
+/// The service address the fourth Ferry (splice + in-kernel socket join)
+/// captures.
+const VIP_JOIN: &str = "10.96.0.33";
 /// The service address a client outside the enrolled cgroup reaches Ferry
 /// (splice) at through iptables `REDIRECT` in the node namespace.
 const VIP_REDIRECT: &str = "10.96.0.32";
@@ -108,7 +112,7 @@ const MAX_PROXIED: u64 = 9_950;
 const STREAMS: [u64; 2] = [1, 4];
 
 /// How many ways are measured.
-const WAYS: usize = 5;
+const WAYS: usize = 6;
 
 /// The ways the client reaches the server.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -118,6 +122,9 @@ enum Way {
     Ferry,
     /// A second Ferry with eBPF capture, `proxy.zero_copy: false`.
     FerryCopy,
+    /// A fourth Ferry with eBPF capture, splice and `proxy.socket_join:
+    /// true` (client → server bytes go socket to socket in the kernel).
+    FerryJoin,
     /// Ferry (splice), reached by iptables `REDIRECT` instead of eBPF
     /// capture; it learns the destination from `SO_ORIGINAL_DST`.
     Redirect,
@@ -130,6 +137,7 @@ impl Way {
         Way::Direct,
         Way::Ferry,
         Way::FerryCopy,
+        Way::FerryJoin,
         Way::Redirect,
         Way::Haproxy,
     ];
@@ -139,6 +147,7 @@ impl Way {
             Way::Direct => "direct",
             Way::Ferry => "Ferry splice",
             Way::FerryCopy => "Ferry copy",
+            Way::FerryJoin => "Ferry socket join",
             Way::Redirect => "iptables->Ferry",
             Way::Haproxy => "HAProxy",
         }
@@ -149,6 +158,7 @@ impl Way {
             Way::Direct => format!("10.77.1.{SERVER_HOST}"),
             Way::Ferry => VIP.to_string(),
             Way::FerryCopy => VIP_COPY.to_string(),
+            Way::FerryJoin => VIP_JOIN.to_string(),
             Way::Redirect => VIP_REDIRECT.to_string(),
             Way::Haproxy => HAPROXY_ADDR.to_string(),
         }
@@ -158,16 +168,18 @@ impl Way {
     fn group(self) -> Group {
         match self {
             Way::Redirect | Way::Haproxy => Group::Other,
-            Way::Direct | Way::Ferry | Way::FerryCopy => Group::Enrolled,
+            Way::Direct | Way::Ferry | Way::FerryCopy | Way::FerryJoin => Group::Enrolled,
         }
     }
 
-    /// Which Ferry (0: splice, 1: copy) serves this way.
+    /// Which Ferry (0: splice, 1: copy, 2: REDIRECT target, 3: socket
+    /// join) serves this way.
     fn ferry(self) -> Option<usize> {
         match self {
             Way::Ferry => Some(0),
             Way::FerryCopy => Some(1),
             Way::Redirect => Some(2),
+            Way::FerryJoin => Some(3),
             Way::Direct | Way::Haproxy => None,
         }
     }
@@ -366,9 +378,10 @@ fn bench(
     )?;
     let t = slot.as_mut().context("the topology was just created")?;
 
-    let (ferry, ferry_copy, ferry_redirect, haproxy_pid) = steps.run(
+    let (ferry, ferry_copy, ferry_redirect, ferry_join, haproxy_pid) = steps.run(
         stop,
-        "Start Ferry three times (splice, copy, REDIRECT target; release build) and HAProxy",
+        "Start Ferry four times (splice, copy, REDIRECT target, socket join; release build) \
+         and HAProxy",
         || {
             let services = |vip: &str| {
                 format!(
@@ -408,6 +421,22 @@ fn bench(
                 .replace("[::]:15008", "[::]:15208")
                 .replace("proxy:\n", "proxy:\n  zero_copy: true\n");
             let ferry_redirect = t.start_ferry("ferry-redirect", &config)?;
+            // The fourth: like the first, plus in-kernel socket joining.
+            let config = t
+                .ferry_config(&services(VIP_JOIN))
+                .replace("[::]:15001", "[::]:15301")
+                .replace("0.0.0.0:15020", "0.0.0.0:15320")
+                .replace("0.0.0.0:15021", "0.0.0.0:15321")
+                .replace("[::]:15008", "[::]:15308")
+                .replace(
+                    "proxy:\n",
+                    "proxy:\n  zero_copy: true\n  socket_join: true\n",
+                );
+            let ferry_join = t.start_ferry("ferry-join", &config)?;
+            let (code, body) = ferry_join.http("15320", "/metrics")?;
+            if code != 200 || metric_value(&body, "ferry_socket_join_enabled") != 1.0 {
+                bail!("the socket-join Ferry runs without joining (kernel refused it?)");
+            }
             let node = t.node_netns.clone();
             ferry_tests::run(
                 "ip",
@@ -444,7 +473,8 @@ fn bench(
             println!(
                 "    {} (pid {}, splice): {VIP} -> {}\n    same binary (pid {}, copy): \
                  {VIP_COPY} -> {}\n    same binary (pid {}, no eBPF, iptables REDIRECT): \
-                 {VIP_REDIRECT} -> {}\n    {} (pid {haproxy_pid}): {HAPROXY_ADDR} -> {}",
+                 {VIP_REDIRECT} -> {}\n    same binary (pid {}, splice + socket join): \
+                 {VIP_JOIN} -> {}\n    {} (pid {haproxy_pid}): {HAPROXY_ADDR} -> {}",
                 bins.ferry.display(),
                 ferry.pid,
                 server.v4,
@@ -452,10 +482,12 @@ fn bench(
                 server.v4,
                 ferry_redirect.pid,
                 server.v4,
+                ferry_join.pid,
+                server.v4,
                 haproxy.display(),
                 server.v4
             );
-            Ok((ferry, ferry_copy, ferry_redirect, haproxy_pid))
+            Ok((ferry, ferry_copy, ferry_redirect, ferry_join, haproxy_pid))
         },
     )?;
     let t = &*t;
@@ -466,7 +498,7 @@ fn bench(
     let run = Runner {
         t,
         stop,
-        ferries: [&ferry, &ferry_copy, &ferry_redirect],
+        ferries: [&ferry, &ferry_copy, &ferry_redirect, &ferry_join],
         haproxy_pid,
         client: &client,
         clk_tck,
@@ -772,8 +804,9 @@ fn cpu_note(cpu: Option<f64>, wall: f64) -> String {
 struct Runner<'a> {
     t: &'a Topology,
     stop: &'a Stop,
-    /// Ferry splice, Ferry copy, Ferry for iptables REDIRECT.
-    ferries: [&'a Ferry; 3],
+    /// Ferry splice, Ferry copy, Ferry for iptables REDIRECT, Ferry with
+    /// socket join.
+    ferries: [&'a Ferry; 4],
     haproxy_pid: u32,
     client: &'a Pod,
     clk_tck: f64,
@@ -795,7 +828,9 @@ impl Runner<'_> {
     fn pid(&self, way: Way) -> Option<u32> {
         match way {
             Way::Direct => None,
-            Way::Ferry | Way::FerryCopy | Way::Redirect => way.ferry().map(|k| self.ferries[k].pid),
+            Way::Ferry | Way::FerryCopy | Way::Redirect | Way::FerryJoin => {
+                way.ferry().map(|k| self.ferries[k].pid)
+            }
             Way::Haproxy => Some(self.haproxy_pid),
         }
     }
@@ -961,11 +996,12 @@ impl Runner<'_> {
         f: impl FnOnce() -> Result<T>,
     ) -> Result<(T, Option<f64>)> {
         let opened = format!(r#"ferry_connections_opened_total{{service="{SERVICE}"}}"#);
-        let counts = || -> Result<[f64; 3]> {
+        let counts = || -> Result<[f64; 4]> {
             Ok([
                 metric_value(&self.metrics(0)?, &opened),
                 metric_value(&self.metrics(1)?, &opened),
                 metric_value(&self.metrics(2)?, &opened),
+                metric_value(&self.metrics(3)?, &opened),
             ])
         };
         let before = counts()?;
@@ -981,6 +1017,7 @@ impl Runner<'_> {
             (0, "Ferry (splice)"),
             (1, "Ferry (copy)"),
             (2, "Ferry (REDIRECT target)"),
+            (3, "Ferry (socket join)"),
         ] {
             let delta = after[k] - before[k];
             if way.ferry() == Some(k) && delta < min_opened as f64 {
@@ -1002,7 +1039,7 @@ impl Runner<'_> {
 
     /// The metrics of Ferry `k` (each has its own admin port).
     fn metrics(&self, k: usize) -> Result<String> {
-        let port = ["15020", "15120", "15220"][k];
+        let port = ["15020", "15120", "15220", "15320"][k];
         let (code, body) = self.ferries[k].http(port, "/metrics")?;
         if code != 200 {
             bail!("/metrics on {port} answered {code}");
@@ -1257,6 +1294,11 @@ fn results_markdown(
          - **Ferry copy**: a second Ferry process (same binary, `proxy.zero_copy: false`, \
          listener `:15101`) captures `{VIP_COPY}` the same way and relays by copying through \
          a per-thread buffer.\n\
+         - **Ferry socket join**: a fourth Ferry process (same binary, splice, \
+         `proxy.socket_join: true`, listener `:15301`) captures `{VIP_JOIN}`; once it has \
+         relayed what the client sent before the join was installed, the client's further \
+         bytes go from its socket straight into Ferry's upstream socket (sockmap + sk_msg \
+         redirect), and only server → client bytes pass through Ferry's splice relay.\n\
          - **iptables->Ferry**: the client runs outside the enrolled cgroup (no eBPF capture) \
          and connects to `{VIP_REDIRECT}`; an iptables `nat PREROUTING REDIRECT` rule in the \
          node namespace sends it to a third Ferry process (no eBPF capture, splice relay, \
@@ -1449,7 +1491,7 @@ mod tests {
             gbit_per_s: [g, g],
             ..Default::default()
         };
-        let mut medians = [mk(20.0), mk(5.0), mk(4.0), mk(4.5), mk(2.5)];
+        let mut medians = [mk(20.0), mk(5.0), mk(4.0), mk(6.0), mk(4.5), mk(2.5)];
         medians[1].rss_idle_kib = Some(1024.0);
         medians[1].rss_held_kib = Some(1024.0 + 9_900.0 * 4.0);
         medians[1].idle_held = 9_900;

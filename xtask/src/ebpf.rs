@@ -1,8 +1,9 @@
 //! `cargo xtask build-ebpf`: builds the eBPF programs (`ebpf/programs`, a
 //! stand-alone crate) for `bpfel-unknown-none` on stable Rust.
 //!
-//! The object lands at `<target>/ebpf/bpfel-unknown-none/release/ferry-ebpf`,
-//! the path `agent/build.rs` embeds; `<target>` is `$CARGO_TARGET_DIR` when
+//! The objects land at `<target>/ebpf/bpfel-unknown-none/release/ferry-ebpf`
+//! (capture) and `.../ferry-join` (socket joining), the paths
+//! `agent/build.rs` embeds; `<target>` is `$CARGO_TARGET_DIR` when
 //! set, else `<workspace>/target`.
 
 use std::path::{Path, PathBuf};
@@ -79,6 +80,15 @@ pub fn build(bpf_linker: &Path, debug: bool) -> Result<PathBuf> {
         "eBPF object: {} ({})",
         object.display(),
         util::size_text(size)
+    );
+    let join = object.with_file_name("ferry-join");
+    let join_size = std::fs::metadata(&join)
+        .with_context(|| format!("the build succeeded but {} is missing", join.display()))?
+        .len();
+    println!(
+        "eBPF object: {} ({})",
+        join.display(),
+        util::size_text(join_size)
     );
     if debug {
         println!(

@@ -10,6 +10,7 @@
 
 mod cgroup;
 mod embedded;
+pub mod join;
 
 use std::collections::BTreeMap;
 use std::net::{IpAddr, Ipv6Addr, SocketAddr};
@@ -28,6 +29,7 @@ use ferry_common::{
 use tracing::{debug, info, warn};
 
 pub use cgroup::{CgroupError, cgroup2_mount, resolve_cgroup};
+pub use join::JoinGuard;
 
 use crate::config;
 use crate::state::Snapshot;
@@ -94,6 +96,8 @@ pub struct Capture {
     services: std::sync::Mutex<HashMap<MapData, ServiceKey, ServiceValue>>,
     counters: PerCpuArray<MapData, u64>,
     attached: std::sync::Mutex<BTreeMap<PathBuf, Links>>,
+    /// Socket joining, when asked for and the kernel supports it.
+    join: Option<join::Join>,
     _logger: Option<tokio::task::JoinHandle<()>>,
     ebpf: std::sync::Mutex<Ebpf>,
 }
@@ -155,11 +159,15 @@ impl Capture {
     }
 
     /// Loads, configures and attaches the capture programs. Must be called
-    /// inside a tokio runtime when `cfg.ebpf_log` is set.
+    /// inside a tokio runtime when `cfg.ebpf_log` is set. With
+    /// `socket_join`, also loads the socket-joining programs; if the kernel
+    /// refuses them, capture runs without joining and says so once
+    /// ([`Capture::socket_join_enabled`] is then false).
     pub fn start(
         cfg: &config::Capture,
         outbound_port: u16,
         snapshot: &Snapshot,
+        socket_join: bool,
     ) -> Result<Capture, CaptureError> {
         if !Self::object_embedded() {
             return Err(CaptureError::NotBuilt);
@@ -216,11 +224,31 @@ impl Capture {
         let counters = PerCpuArray::try_from(take_map(&mut ebpf, names::COUNTERS)?)
             .map_err(map_err(names::COUNTERS))?;
 
+        let join = if socket_join {
+            match join::Join::start(embedded::JOIN_OBJECT, entry) {
+                Ok(j) => {
+                    info!("socket joining enabled (sockmap + sk_msg)");
+                    Some(j)
+                }
+                Err(e) => {
+                    warn!(
+                        error = %e,
+                        "socket joining unavailable on this kernel (needs BPF sockmap/sockhash and sk_msg); relaying in user space instead"
+                    );
+                    None
+                }
+            }
+        } else {
+            info!("socket joining disabled by proxy.socket_join");
+            None
+        };
+
         let capture = Capture {
             orig_by_tuple,
             services: std::sync::Mutex::new(services),
             counters,
             attached: std::sync::Mutex::new(BTreeMap::new()),
+            join,
             _logger: logger,
             ebpf: std::sync::Mutex::new(ebpf),
         };
@@ -282,6 +310,14 @@ impl Capture {
                 }
             }
         }
+        // Joining is an optimisation: a cgroup it cannot be attached to
+        // is still captured, its connections are relayed as usual.
+        if let Some(j) = &self.join {
+            drop(ebpf);
+            if let Err(e) = j.attach(path, &dir) {
+                warn!(cgroup = %path.display(), error = %e, "socket join not attached to this cgroup");
+            }
+        }
         info!(cgroup = %path.display(), "capture attached");
         attached.insert(path.to_owned(), links);
         Ok(())
@@ -298,6 +334,10 @@ impl Capture {
         if let Some(links) = links {
             let mut ebpf = self.ebpf.lock().unwrap_or_else(|e| e.into_inner());
             detach_links(&mut ebpf, links);
+            drop(ebpf);
+            if let Some(j) = &self.join {
+                j.detach(path);
+            }
             info!(cgroup = %path.display(), "capture detached");
         }
     }
@@ -392,9 +432,10 @@ impl Capture {
         }
     }
 
-    /// The programs' counters, summed over CPUs, in `Counter::ALL` order.
+    /// The programs' counters, summed over CPUs, in `Counter::ALL` order
+    /// (the join counters are 0 when joining is off).
     pub fn counters(&self) -> Result<Vec<(Counter, u64)>, CaptureError> {
-        Counter::ALL
+        let mut all: Vec<(Counter, u64)> = Counter::CAPTURE
             .iter()
             .map(|c| {
                 let per_cpu = self
@@ -403,7 +444,45 @@ impl Capture {
                     .map_err(map_err(names::COUNTERS))?;
                 Ok((*c, per_cpu.iter().sum()))
             })
-            .collect()
+            .collect::<Result<_, CaptureError>>()?;
+        match &self.join {
+            Some(j) => all.extend(j.counters()?),
+            None => all.extend(Counter::JOIN.iter().map(|c| (*c, 0))),
+        }
+        Ok(all)
+    }
+
+    /// True when socket joining is loaded and in use.
+    pub fn socket_join_enabled(&self) -> bool {
+        self.join.is_some()
+    }
+
+    /// Connections for which a join was installed since start.
+    pub fn joined_connections(&self) -> u64 {
+        self.join
+            .as_ref()
+            .map_or(0, |j| j.joined.load(std::sync::atomic::Ordering::Relaxed))
+    }
+
+    /// Installs a socket join for a captured connection Ferry accepted from
+    /// `peer` on `local` and relays, unencrypted, to `upstream`. `None` when
+    /// joining is off or the kernel refused (the connection is then relayed
+    /// as usual).
+    pub fn join_begin(
+        &self,
+        id: u64,
+        peer: SocketAddr,
+        local: SocketAddr,
+        upstream: &impl AsRawFd,
+    ) -> Option<JoinGuard<'_>> {
+        let j = self.join.as_ref()?;
+        match j.begin(id, peer, local, upstream) {
+            Ok(g) => Some(g),
+            Err(e) => {
+                debug!(error = %e, "socket join not installed; relaying");
+                None
+            }
+        }
     }
 }
 

@@ -302,6 +302,14 @@ pub struct RawProxy {
     /// Move plaintext payload with splice(2) instead of copying it through
     /// user space. Default true.
     pub zero_copy: Option<bool>,
+    /// Join a captured client's socket to the upstream connection in the
+    /// kernel (sockmap + sk_msg) when both legs are plaintext, so the
+    /// client's payload skips user space. Default false: on Linux 6.18 an
+    /// enrolled client socket's blocking reads can fail with EAGAIN and a
+    /// non-blocking client under back-pressure is not woken (see the
+    /// README). Ignored (with a warning at start) when the kernel lacks
+    /// the feature.
+    pub socket_join: Option<bool>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -494,6 +502,8 @@ pub struct Proxy {
     pub drain_deadline: Duration,
     /// splice(2) for plaintext legs (falls back to copying if refused).
     pub zero_copy: bool,
+    /// In-kernel socket joining for plaintext legs (`proxy.socket_join`).
+    pub socket_join: bool,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -1110,6 +1120,7 @@ impl RawConfig {
                 connect_timeout,
                 drain_deadline,
                 zero_copy: self.proxy.zero_copy.unwrap_or(true),
+                socket_join: self.proxy.socket_join.unwrap_or(false),
             },
             services,
             dns,

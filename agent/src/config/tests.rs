@@ -100,6 +100,7 @@ fn example_file_parses_with_documented_values() {
             connect_timeout: Duration::from_secs(1),
             drain_deadline: Duration::from_secs(30),
             zero_copy: true,
+            socket_join: false,
         },
         services: vec![
             Service {
@@ -267,7 +268,7 @@ listeners:
   metrics: \"127.0.0.1:7002\"
   readiness: \"127.0.0.1:7003\"
 capture: { enabled: false, bypass_mark: 7, ebpf_log: true }
-proxy: { connect_timeout: 250ms, drain_deadline: 1m30s, zero_copy: false }
+proxy: { connect_timeout: 250ms, drain_deadline: 1m30s, zero_copy: false, socket_join: true }
 services:
   - name: web
     namespace: shop
@@ -285,6 +286,7 @@ services:
     assert_eq!(c.proxy.connect_timeout, Duration::from_millis(250));
     assert_eq!(c.proxy.drain_deadline, Duration::from_secs(90));
     assert!(!c.proxy.zero_copy);
+    assert!(c.proxy.socket_join);
     assert_eq!(c.services[0].key(), "shop/web");
     assert_eq!(c.services[0].ports[0].target_port, 8080);
     assert_eq!(c.services[0].sets[0].endpoints[0].weight, 1_000_000);

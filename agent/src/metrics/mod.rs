@@ -152,6 +152,30 @@ impl Collector for ReadCounter {
     }
 }
 
+/// A gauge read at scrape time from somewhere else.
+struct ReadGauge {
+    name: &'static str,
+    help: &'static str,
+    read: Box<dyn Fn() -> i64 + Send + Sync>,
+}
+
+impl std::fmt::Debug for ReadGauge {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ReadGauge")
+            .field("name", &self.name)
+            .finish()
+    }
+}
+
+impl Collector for ReadGauge {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        let g = Gauge::<i64>::default();
+        g.set((self.read)());
+        let metric = encoder.encode_descriptor(self.name, self.help, None, g.metric_type())?;
+        g.encode(metric)
+    }
+}
+
 /// The registry plus handles to the metrics.
 #[derive(Debug)]
 pub struct Metrics {
@@ -280,6 +304,17 @@ impl Metrics {
     ) {
         let mut r = self.registry.write().unwrap_or_else(|e| e.into_inner());
         r.register_collector(Box::new(ReadCounter { name, help, read }));
+    }
+
+    /// Exports a gauge kept elsewhere, read at scrape.
+    pub fn register_read_gauge(
+        &self,
+        name: &'static str,
+        help: &'static str,
+        read: Box<dyn Fn() -> i64 + Send + Sync>,
+    ) {
+        let mut r = self.registry.write().unwrap_or_else(|e| e.into_inner());
+        r.register_collector(Box::new(ReadGauge { name, help, read }));
     }
 
     /// The text exposition.

@@ -127,6 +127,10 @@ pub struct Proxy {
     pub tunnel: Option<Arc<crate::hbone::pool::Pool>>,
     /// How payload is moved on plaintext legs (`proxy.zero_copy`).
     pub relay_mode: lean::Mode,
+    /// In-kernel socket joining for direct plaintext legs
+    /// (`proxy.socket_join`, when the kernel supports it): the capture that
+    /// loaded the join programs.
+    pub socket_join: Option<Arc<Capture>>,
 }
 
 /// Where a connection goes once an endpoint is picked.
@@ -223,7 +227,8 @@ impl Proxy {
             );
             let this = self.clone();
             let kill = kill.clone();
-            tracker.spawn(async move { this.handle(stream, peer, &kill).await }.instrument(span));
+            tracker
+                .spawn(async move { this.handle(id, stream, peer, &kill).await }.instrument(span));
         }
         debug!("outbound listener closed");
     }
@@ -237,7 +242,7 @@ impl Proxy {
 
     /// Serves one connection; when `kill` fires (the drain deadline) it is
     /// reset on both sides.
-    async fn handle(&self, client: TcpStream, peer: SocketAddr, kill: &CancellationToken) {
+    async fn handle(&self, id: u64, client: TcpStream, peer: SocketAddr, kill: &CancellationToken) {
         let span = tracing::Span::current();
         let local = match client.local_addr() {
             Ok(a) => a,
@@ -400,7 +405,28 @@ impl Proxy {
         let observe = ByteCounters { up, down };
         let out = match upstream {
             Upstream::Direct(s) => {
-                lean::relay_until(client, s, &observe, kill.cancelled(), self.relay_mode).await
+                // Plaintext on both sides: join the client's socket to the
+                // upstream one in the kernel if we can. The guard lives
+                // until the relay has finished with both sockets.
+                let join = self
+                    .socket_join
+                    .as_ref()
+                    .and_then(|c| c.join_begin(id, peer, local, &s));
+                match &join {
+                    Some(guard) => {
+                        debug!("socket join installed");
+                        let observe = Joined {
+                            inner: &observe,
+                            guard,
+                        };
+                        lean::relay_until(client, s, &observe, kill.cancelled(), self.relay_mode)
+                            .await
+                    }
+                    None => {
+                        lean::relay_until(client, s, &observe, kill.cancelled(), self.relay_mode)
+                            .await
+                    }
+                }
             }
             Upstream::Tunnel(t) => relay::relay_until(client, *t, &observe, kill.cancelled()).await,
         };
@@ -502,6 +528,24 @@ impl relay::Observe for ByteCounters {
     }
     fn downstream(&self, n: u64) {
         self.down.inc_by(n);
+    }
+}
+
+/// Byte counting for a joined connection: every byte relayed client →
+/// upstream also advances the join record, which is what lets the kernel
+/// switch the client's socket over once nothing is in flight.
+struct Joined<'a> {
+    inner: &'a ByteCounters,
+    guard: &'a crate::capture::JoinGuard<'a>,
+}
+
+impl relay::Observe for Joined<'_> {
+    fn upstream(&self, n: u64) {
+        self.inner.upstream(n);
+        self.guard.forwarded(n);
+    }
+    fn downstream(&self, n: u64) {
+        self.inner.downstream(n);
     }
 }
 

@@ -125,7 +125,7 @@ pub fn ferry_connect4(ctx: SockAddrContext) -> i32 {
     };
     // SAFETY: the value is copied out at once; a concurrent update can at worst
     // give us the previous or next id, which is only used for diagnostics.
-    let Some(svc) = (unsafe { FERRY_SERVICES.get(&key) }).copied() else {
+    let Some(svc) = (unsafe { FERRY_SERVICES.get(key) }).copied() else {
         count(Counter::Connect4Passed);
         return ALLOW;
     };
@@ -137,7 +137,7 @@ pub fn ferry_connect4(ctx: SockAddrContext) -> i32 {
         _pad: [0; 2],
         service_id: svc.service_id,
     };
-    if FERRY_ORIG_BY_COOKIE.insert(&cookie, &orig, 0).is_err() {
+    if FERRY_ORIG_BY_COOKIE.insert(cookie, orig, 0).is_err() {
         // Without a record Ferry could not route the connection: leave it alone.
         count(Counter::Connect4Errors);
         return ALLOW;
@@ -207,7 +207,7 @@ pub fn ferry_connect6(ctx: SockAddrContext) -> i32 {
         _pad: 0,
     };
     // SAFETY: see ferry_connect4.
-    let Some(svc) = (unsafe { FERRY_SERVICES.get(&key) }).copied() else {
+    let Some(svc) = (unsafe { FERRY_SERVICES.get(key) }).copied() else {
         count(Counter::Connect6Passed);
         return ALLOW;
     };
@@ -219,7 +219,7 @@ pub fn ferry_connect6(ctx: SockAddrContext) -> i32 {
         _pad: [0; 2],
         service_id: svc.service_id,
     };
-    if FERRY_ORIG_BY_COOKIE.insert(&cookie, &orig, 0).is_err() {
+    if FERRY_ORIG_BY_COOKIE.insert(cookie, orig, 0).is_err() {
         count(Counter::Connect6Errors);
         return ALLOW;
     }
@@ -258,11 +258,11 @@ pub fn ferry_track_established(ctx: SockOpsContext) -> u32 {
     // SAFETY: the helper takes this program's context.
     let cookie = unsafe { bpf_get_socket_cookie(ctx.ops.cast()) };
     // SAFETY: copied out at once; the entry is ours (keyed by this socket).
-    let Some(orig) = (unsafe { FERRY_ORIG_BY_COOKIE.get(&cookie) }).copied() else {
+    let Some(orig) = (unsafe { FERRY_ORIG_BY_COOKIE.get(cookie) }).copied() else {
         count(Counter::SockOpsPassed);
         return 0;
     };
-    let _ = FERRY_ORIG_BY_COOKIE.remove(&cookie);
+    let _ = FERRY_ORIG_BY_COOKIE.remove(cookie);
     let addr = match ctx.family() {
         AF_INET => v4_mapped(ctx.local_ip4().to_ne_bytes()),
         AF_INET6 => {
@@ -289,7 +289,7 @@ pub fn ferry_track_established(ctx: SockOpsContext) -> u32 {
         port: (ctx.local_port() as u16).to_be_bytes(),
         _pad: [0; 2],
     };
-    if FERRY_ORIG_BY_TUPLE.insert(&key, &orig, 0).is_err() {
+    if FERRY_ORIG_BY_TUPLE.insert(key, orig, 0).is_err() {
         count(Counter::SockOpsErrors);
         if let Some(cfg) = config()
             && cfg.flags & FLAG_LOG != 0

@@ -11,7 +11,25 @@
 //! ferry-testkit connrate-client --connect ADDR --seconds S --concurrency C [--rate PER_S]
 //! ferry-testkit hold-server --listen ADDR
 //! ferry-testkit idle-client --connect ADDR --count N --release FILE [--max-wait SECS]
+//! ferry-testkit hash-client --connect ADDR --send N --reply M [--seed S] [--pause-ms P] [--after-eof] [--reset-after K] [--abort-after K]
 //! ```
+//!
+//! `hash-client` talks to a `hash` server: it sends one header line
+//! (`send=M seed=S pause_ms=P after_eof=0|1 reset_after=K`), waits for the
+//! server's `ok` line (so the whole path is up before the payload), then
+//! sends N pseudo-random bytes (seeded by S) and shuts down its write side
+//! while reading the server's M pseudo-random bytes to the end, and prints
+//! `sent=N sent_hash=H received=R recv_hash=H end=eof|reset|error:KIND send_end=ok|reset|...`.
+//! The `hash` server prints `hash-ended got=N hash=H sent=M sent_hash=H end=... send_end=...`.
+//! With `pause_ms` the server stops reading for that long after the first
+//! MiB (a peer that stops reading); with `after_eof` it sends only after the
+//! client's FIN (half-close); with `reset_after` it aborts with RST once it
+//! has read K bytes. `--abort-after K` makes the client send K bytes, wait
+//! a moment, and abort with RST (it prints `aborted sent=K sent_hash=H`).
+//! A blocking read that fails with EAGAIN is retried after poll(2) (as an
+//! event-driven client would), unless `--strict-reads`. `--tokio` runs the
+//! same exchange on a tokio runtime (non-blocking socket, edge-triggered
+//! epoll).
 //!
 //! `hold-server` accepts connections and keeps them open, never reading or
 //! writing (one thread, no per-connection cost beyond the socket).
@@ -104,6 +122,7 @@ fn main() -> Result<()> {
         Some("connrate-client") => connrate_client(&args),
         Some("hold-server") => hold_server(&args),
         Some("idle-client") => idle_client(&args),
+        Some("hash-client") => hash_client(&args),
         _ => bail!(
             "usage: ferry-testkit serve|halfclose-client|rr-client|hold-client|reset-client ... (see the source's header)"
         ),
@@ -149,6 +168,7 @@ fn serve(args: &[String]) -> Result<()> {
                 "echo" => serve_echo(stream),
                 "sink" => serve_sink(stream),
                 "report" => serve_report(stream),
+                "hash" => serve_hash(stream),
                 other => Err(anyhow::anyhow!("unknown mode {other}")),
             };
             if let Err(e) = r {
@@ -750,4 +770,368 @@ fn idle_client(args: &[String]) -> Result<()> {
     }
     println!("released {}", held.len());
     Ok(())
+}
+
+/// Pseudo-random payload (xorshift64*), the same for the same seed.
+struct Payload(u64);
+
+impl Payload {
+    fn new(seed: u64) -> Payload {
+        Payload(seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1)
+    }
+    fn fill(&mut self, buf: &mut [u8]) {
+        for c in buf.chunks_mut(8) {
+            let mut x = self.0;
+            x ^= x >> 12;
+            x ^= x << 25;
+            x ^= x >> 27;
+            self.0 = x;
+            let w = x.wrapping_mul(0x2545_f491_4f6c_dd1d).to_le_bytes();
+            c.copy_from_slice(&w[..c.len()]);
+        }
+    }
+}
+
+/// An order-sensitive digest of a byte stream, independent of how the
+/// stream is cut into reads.
+#[derive(Default)]
+struct Digest {
+    h: u64,
+    carry: u64,
+    k: u32,
+    len: u64,
+}
+
+impl Digest {
+    fn mix(&mut self, w: u64) {
+        self.h = (self.h ^ w)
+            .wrapping_mul(0x0000_0100_0000_01b3)
+            .rotate_left(29)
+            .wrapping_add(0x9e37_79b9);
+    }
+    fn update(&mut self, mut d: &[u8]) {
+        self.len += d.len() as u64;
+        while self.k != 0 && !d.is_empty() {
+            self.carry |= u64::from(d[0]) << (8 * self.k);
+            self.k += 1;
+            d = &d[1..];
+            if self.k == 8 {
+                let c = self.carry;
+                self.mix(c);
+                self.carry = 0;
+                self.k = 0;
+            }
+        }
+        let mut words = d.chunks_exact(8);
+        for w in &mut words {
+            let mut b = [0u8; 8];
+            b.copy_from_slice(w);
+            self.mix(u64::from_le_bytes(b));
+        }
+        for &b in words.remainder() {
+            self.carry |= u64::from(b) << (8 * self.k);
+            self.k += 1;
+        }
+    }
+    fn finish(&self) -> String {
+        let mut d = Digest { ..*self };
+        let tail = d.carry ^ d.len.rotate_left(17);
+        d.mix(tail);
+        format!("{:016x}", d.h)
+    }
+}
+
+/// Sends `n` payload bytes from `seed`; returns the digest of what was
+/// written and how sending ended.
+fn send_payload(s: &mut TcpStream, n: u64, seed: u64) -> (Digest, String) {
+    let mut p = Payload::new(seed);
+    let mut d = Digest::default();
+    let mut buf = vec![0u8; 128 * 1024];
+    let mut sent = 0u64;
+    while sent < n {
+        let k = (n - sent).min(buf.len() as u64) as usize;
+        p.fill(&mut buf[..k]);
+        if let Err(e) = s.write_all(&buf[..k]) {
+            return (d, ending(&e));
+        }
+        d.update(&buf[..k]);
+        sent += k as u64;
+    }
+    (d, "ok".to_owned())
+}
+
+/// Reads a line byte by byte (so nothing after it is consumed).
+fn read_line(s: &mut TcpStream) -> Result<String> {
+    let mut line = Vec::new();
+    let mut b = [0u8; 1];
+    loop {
+        if s.read(&mut b)? == 0 {
+            bail!("connection ended before a full line");
+        }
+        if b[0] == b'\n' {
+            return Ok(String::from_utf8_lossy(&line).into_owned());
+        }
+        line.push(b[0]);
+        if line.len() > 1024 {
+            bail!("line too long");
+        }
+    }
+}
+
+fn field(line: &str, name: &str) -> u64 {
+    line.split_whitespace()
+        .find_map(|kv| kv.strip_prefix(name)?.strip_prefix('='))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0)
+}
+
+fn serve_hash(mut s: TcpStream) -> Result<()> {
+    let header = read_line(&mut s)?;
+    let send = field(&header, "send");
+    let seed = field(&header, "seed");
+    let pause = Duration::from_millis(field(&header, "pause_ms"));
+    let after_eof = field(&header, "after_eof") != 0;
+    let reset_after = field(&header, "reset_after");
+    s.write_all(b"ok\n")?;
+    let reply_seed = seed.wrapping_add(1);
+    let writer = if after_eof {
+        None
+    } else {
+        let mut w = s.try_clone()?;
+        Some(std::thread::spawn(move || {
+            let r = send_payload(&mut w, send, reply_seed);
+            let _ = w.shutdown(Shutdown::Write);
+            r
+        }))
+    };
+    let mut d = Digest::default();
+    let mut buf = vec![0u8; 64 * 1024];
+    let mut paused = pause.is_zero();
+    let end = loop {
+        if !paused && d.len >= 1 << 20 {
+            paused = true;
+            std::thread::sleep(pause);
+        }
+        if reset_after > 0 && d.len >= reset_after {
+            socket2::SockRef::from(&s).set_linger(Some(Duration::ZERO))?;
+            println!(
+                "hash-ended got={} hash={} end=reset-sent",
+                d.len,
+                d.finish()
+            );
+            std::io::stdout().flush()?;
+            return Ok(());
+        }
+        match s.read(&mut buf) {
+            Ok(0) => break "eof".to_owned(),
+            Ok(n) => d.update(&buf[..n]),
+            Err(e) => break ending(&e),
+        }
+    };
+    let (sd, send_end) = match writer {
+        Some(h) => h
+            .join()
+            .unwrap_or_else(|_| (Digest::default(), "panic".into())),
+        None if end == "eof" => {
+            let r = send_payload(&mut s, send, reply_seed);
+            let _ = s.shutdown(Shutdown::Write);
+            r
+        }
+        None => (Digest::default(), "skipped".into()),
+    };
+    println!(
+        "hash-ended got={} hash={} sent={} sent_hash={} end={end} send_end={send_end}",
+        d.len,
+        d.finish(),
+        sd.len,
+        sd.finish()
+    );
+    std::io::stdout().flush()?;
+    Ok(())
+}
+
+/// Waits until `s` is readable (or has an error or end), at most `limit`.
+fn wait_readable(s: &TcpStream, limit: Duration) -> Result<()> {
+    use std::os::fd::AsRawFd;
+    let mut p = libc::pollfd {
+        fd: s.as_raw_fd(),
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    // SAFETY: `p` is one valid pollfd for the duration of the call.
+    let r = unsafe { libc::poll(&mut p, 1, limit.as_millis() as libc::c_int) };
+    if r == 0 {
+        bail!("not readable within {limit:?}");
+    }
+    Ok(())
+}
+
+fn hash_client(args: &[String]) -> Result<()> {
+    if args.iter().any(|a| a == "--tokio") {
+        return hash_client_tokio(args);
+    }
+    let (mut s, send) = connect(args)?;
+    s.set_read_timeout(Some(Duration::from_secs(60)))?;
+    let num = |name: &str| -> Result<u64> {
+        Ok(arg(args, name).map(|v| v.parse()).transpose()?.unwrap_or(0))
+    };
+    let reply = num("--reply")?;
+    let seed = num("--seed")?;
+    let pause = num("--pause-ms")?;
+    let reset_after = num("--reset-after")?;
+    let abort_after = num("--abort-after")?;
+    let after_eof = u64::from(args.iter().any(|a| a == "--after-eof"));
+    s.write_all(
+        format!(
+            "send={reply} seed={seed} pause_ms={pause} after_eof={after_eof} reset_after={reset_after}\n"
+        )
+        .as_bytes(),
+    )?;
+    let ok = read_line(&mut s)?;
+    if ok != "ok" {
+        bail!("unexpected answer {ok:?}");
+    }
+    if abort_after > 0 {
+        let (d, end) = send_payload(&mut s, abort_after, seed);
+        std::thread::sleep(Duration::from_millis(500));
+        socket2::SockRef::from(&s).set_linger(Some(Duration::ZERO))?;
+        drop(s);
+        println!(
+            "aborted sent={} sent_hash={} send_end={end}",
+            d.len,
+            d.finish()
+        );
+        return Ok(());
+    }
+    let mut w = s.try_clone()?;
+    let writer = std::thread::spawn(move || {
+        let r = send_payload(&mut w, send, seed);
+        if r.1 == "ok" {
+            let _ = w.shutdown(Shutdown::Write);
+        }
+        r
+    });
+    let strict = args.iter().any(|a| a == "--strict-reads");
+    let mut d = Digest::default();
+    let mut buf = vec![0u8; 64 * 1024];
+    let end = loop {
+        match s.read(&mut buf) {
+            Ok(0) => break "eof".to_owned(),
+            Ok(n) => d.update(&buf[..n]),
+            // Like an event-driven client: EAGAIN means "wait until
+            // readable". (A socket in a sockmap with an sk_msg program can
+            // return it from a blocking read; see `--strict-reads`.)
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock && !strict => {
+                wait_readable(&s, Duration::from_secs(60))?;
+            }
+            Err(e) => break ending(&e),
+        }
+    };
+    let (sd, send_end) = writer
+        .join()
+        .unwrap_or_else(|_| (Digest::default(), "panic".into()));
+    println!(
+        "sent={} sent_hash={} received={} recv_hash={} end={end} send_end={send_end}",
+        sd.len,
+        sd.finish(),
+        d.len,
+        d.finish()
+    );
+    Ok(())
+}
+
+/// `hash-client --tokio`: the same exchange from a tokio client (non-blocking
+/// socket, edge-triggered epoll), the way most event-driven clients work.
+fn hash_client_tokio(args: &[String]) -> Result<()> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let addr: SocketAddr = need(args, "--connect")?.parse()?;
+    let num = |name: &str| -> Result<u64> {
+        Ok(arg(args, name).map(|v| v.parse()).transpose()?.unwrap_or(0))
+    };
+    let (send, reply, seed) = (num("--send")?, num("--reply")?, num("--seed")?);
+    let pause = num("--pause-ms")?;
+    let after_eof = u64::from(args.iter().any(|a| a == "--after-eof"));
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    rt.block_on(async move {
+        let limit = Duration::from_secs(60);
+        let s = tokio::time::timeout(limit, tokio::net::TcpStream::connect(addr)).await??;
+        let (mut r, mut w) = s.into_split();
+        w.write_all(
+            format!(
+                "send={reply} seed={seed} pause_ms={pause} after_eof={after_eof} reset_after=0\n"
+            )
+            .as_bytes(),
+        )
+        .await?;
+        let mut ok = [0u8; 3];
+        tokio::time::timeout(limit, r.read_exact(&mut ok)).await??;
+        if &ok != b"ok\n" {
+            bail!("unexpected answer {ok:?}");
+        }
+        let writer = tokio::spawn(async move {
+            let mut p = Payload::new(seed);
+            let mut d = Digest::default();
+            let mut buf = vec![0u8; 128 * 1024];
+            let mut sent = 0u64;
+            while sent < send {
+                let k = (send - sent).min(buf.len() as u64) as usize;
+                p.fill(&mut buf[..k]);
+                match tokio::time::timeout(limit, w.write_all(&buf[..k])).await {
+                    Ok(Ok(())) => {}
+                    Ok(Err(e)) => return (d, ending(&e)),
+                    Err(_) => return (d, "stalled".to_owned()),
+                }
+                d.update(&buf[..k]);
+                sent += k as u64;
+            }
+            let _ = w.shutdown().await;
+            (d, "ok".to_owned())
+        });
+        let mut d = Digest::default();
+        let mut buf = vec![0u8; 64 * 1024];
+        let end = loop {
+            match tokio::time::timeout(limit, r.read(&mut buf)).await {
+                Ok(Ok(0)) => break "eof".to_owned(),
+                Ok(Ok(n)) => d.update(&buf[..n]),
+                Ok(Err(e)) => break ending(&e),
+                Err(_) => break "stalled".to_owned(),
+            }
+        };
+        let (sd, send_end) = writer
+            .await
+            .unwrap_or_else(|_| (Digest::default(), "panic".into()));
+        println!(
+            "sent={} sent_hash={} received={} recv_hash={} end={end} send_end={send_end}",
+            sd.len,
+            sd.finish(),
+            d.len,
+            d.finish()
+        );
+        Ok(())
+    })
+}
+
+#[cfg(test)]
+mod hash_tests {
+    use super::*;
+
+    #[test]
+    fn digest_ignores_read_boundaries() {
+        let mut p = Payload::new(7);
+        let mut data = vec![0u8; 100_003];
+        p.fill(&mut data);
+        let mut a = Digest::default();
+        a.update(&data);
+        let mut b = Digest::default();
+        for c in data.chunks(13) {
+            b.update(c);
+        }
+        assert_eq!(a.finish(), b.finish());
+        let mut c = Digest::default();
+        data.swap(10, 11);
+        c.update(&data);
+        assert_ne!(a.finish(), c.finish());
+    }
 }
