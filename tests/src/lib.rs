@@ -658,6 +658,20 @@ impl Topology {
         self.wait_log(&label, "listening", Duration::from_secs(10))
     }
 
+    /// The most recent child process started with `label`.
+    fn child(&mut self, label: &str) -> Option<&mut Child> {
+        self.children
+            .iter_mut()
+            .rev()
+            .find(|(l, _)| l == label)
+            .map(|(_, c)| c)
+    }
+
+    /// How the child labelled `label` ended, if it has.
+    fn exited(&mut self, label: &str) -> Option<std::process::ExitStatus> {
+        self.child(label)?.try_wait().ok().flatten()
+    }
+
     /// Waits until `<label>.log` contains `needle` (the process says it is
     /// ready), failing early if the process exits.
     pub fn wait_log(&mut self, label: &str, needle: &str, timeout: Duration) -> Result<()> {
@@ -668,9 +682,7 @@ impl Topology {
             if text.contains(needle) {
                 return Ok(());
             }
-            if let Some((_, child)) = self.children.iter_mut().rev().find(|(l, _)| l == label)
-                && let Ok(Some(status)) = child.try_wait()
-            {
+            if let Some(status) = self.exited(label) {
                 bail!("{label} exited ({status}) before it was ready:\n{text}");
             }
             if start.elapsed() > timeout {
@@ -746,9 +758,7 @@ impl Topology {
         };
         let start = Instant::now();
         loop {
-            if let Some((_, child)) = self.children.iter_mut().rev().find(|(l, _)| l == label)
-                && let Ok(Some(status)) = child.try_wait()
-            {
+            if let Some(status) = self.exited(label) {
                 bail!(
                     "ferry exited ({status}) during start-up:\n{}",
                     ferry.log_text()
@@ -832,7 +842,7 @@ impl Topology {
     pub fn wait_exit(&mut self, label: &str, timeout: Duration) -> Result<Option<i32>> {
         let start = Instant::now();
         loop {
-            let Some((_, child)) = self.children.iter_mut().rev().find(|(l, _)| l == label) else {
+            let Some(child) = self.child(label) else {
                 bail!("no process labelled {label}");
             };
             if let Some(status) = child.try_wait()? {
@@ -873,7 +883,7 @@ impl Topology {
     /// Sends SIGINT to one labelled child and waits (bounded) for it to exit,
     /// so that tools like tshark flush their output.
     pub fn interrupt(&mut self, label: &str, timeout: Duration) -> Result<()> {
-        let Some((_, child)) = self.children.iter_mut().find(|(l, _)| l == label) else {
+        let Some(child) = self.child(label) else {
             bail!("no process labelled {label}");
         };
         // SAFETY: kill(2) on a pid we started, with a valid signal number.
@@ -894,7 +904,7 @@ impl Topology {
 
     /// Kills one labelled child now.
     pub fn kill(&mut self, label: &str) {
-        if let Some((_, child)) = self.children.iter_mut().rev().find(|(l, _)| l == label) {
+        if let Some(child) = self.child(label) {
             let _ = child.kill();
             let _ = child.wait();
         }
