@@ -1,13 +1,10 @@
-//! The byte relay over real loopback TCP sockets (tier 2: no root, no eBPF).
-//!
-//! Each test builds the same three-party harness: a *client* connects to a
-//! *proxy* listener whose accept handler connects to an *endpoint* listener
-//! and runs `ferry::proxy::relay::relay` between the two sockets. The tests
-//! then drive the client and endpoint ends directly and check what each one
-//! observes: exact bytes, FIN as FIN, reset as reset, and the relay's count.
-//!
-//! Synchronisation is by events only (awaited reads, channels); every test
-//! body runs under a timeout so that a relay bug fails instead of hanging.
+//! TCP semantics of both relays, every case run against each of them: the
+//! generic relay (`ferry::proxy::relay`, used for tunnelled legs) and the
+//! direct legs' lean relay (`ferry::proxy::lean`) in both of its modes, copy
+//! (scratch buffer, nothing held while idle) and splice (zero-copy through a
+//! pipe). Byte-exact transfer, half-close both ways, resets both ways and
+//! after a half-close, exact byte counts, back-pressure from a sink that
+//! stops reading; plus splice-only checks.
 
 use std::future::Future;
 use std::io;
@@ -15,6 +12,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
+use ferry::proxy::lean::{self, Mode};
 use ferry::proxy::relay::{self, Ending, Observe, Outcome};
 use rand::rngs::SmallRng;
 use rand::{RngCore, SeedableRng};
@@ -56,6 +54,15 @@ impl Observe for Counting {
     }
 }
 
+/// Which relay a case runs against.
+#[derive(Debug, Clone, Copy)]
+enum Kind {
+    /// `proxy::relay::relay`, generic over the two peers.
+    Generic,
+    /// `proxy::lean::relay` in one of its modes.
+    Lean(Mode),
+}
+
 /// The relay under test, running in its own task.
 struct Relay {
     task: JoinHandle<Outcome>,
@@ -84,7 +91,7 @@ impl Relay {
 /// Joins a client and an endpoint through one relay. Returns the client's
 /// socket (connected to the proxy listener), the endpoint's accepted socket
 /// (connected from the proxy) and the relay.
-async fn harness() -> (TcpStream, TcpStream, Relay) {
+async fn harness(kind: Kind) -> (TcpStream, TcpStream, Relay) {
     let endpoint_listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let endpoint_addr = endpoint_listener.local_addr().unwrap();
     let proxy_listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -96,7 +103,10 @@ async fn harness() -> (TcpStream, TcpStream, Relay) {
     let task = tokio::spawn(async move {
         let (client_side, _) = proxy_listener.accept().await.unwrap();
         let endpoint_side = TcpStream::connect(endpoint_addr).await.unwrap();
-        relay::relay(client_side, endpoint_side, &*obs).await
+        match kind {
+            Kind::Generic => relay::relay(client_side, endpoint_side, &*obs).await,
+            Kind::Lean(mode) => lean::relay(client_side, endpoint_side, &*obs, mode).await,
+        }
     });
 
     let client = TcpStream::connect(proxy_addr).await.unwrap();
@@ -178,10 +188,9 @@ fn assert_reset(got: &[u8], end: io::Result<()>, sent: &[u8], who: &str) {
     );
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn transfers_8_mib_both_ways_at_once_byte_exact() {
+async fn transfers_8_mib_both_ways_at_once_byte_exact(kind: Kind) {
     within(async {
-        let (client, endpoint, relay) = harness().await;
+        let (client, endpoint, relay) = harness(kind).await;
         let up = payload(1, 8 * MIB);
         let down = payload(2, 8 * MIB);
         let (at_endpoint, at_client) = tokio::join!(
@@ -199,10 +208,9 @@ async fn transfers_8_mib_both_ways_at_once_byte_exact() {
     .await
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn client_half_close_still_gets_the_whole_response() {
+async fn client_half_close_still_gets_the_whole_response(kind: Kind) {
     within(async {
-        let (mut client, mut endpoint, relay) = harness().await;
+        let (mut client, mut endpoint, relay) = harness(kind).await;
         let request = payload(3, 100 * 1024 + 7);
         let response = payload(4, MIB);
 
@@ -237,12 +245,11 @@ async fn client_half_close_still_gets_the_whole_response() {
     .await
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn endpoint_half_close_still_gets_the_whole_request() {
+async fn endpoint_half_close_still_gets_the_whole_request(kind: Kind) {
     within(async {
         // The other direction: a server that speaks first and finishes
         // sending, then keeps reading.
-        let (mut client, mut endpoint, relay) = harness().await;
+        let (mut client, mut endpoint, relay) = harness(kind).await;
         let greeting = payload(5, 64 * 1024);
         let upload = payload(6, 2 * MIB + 3);
 
@@ -268,10 +275,9 @@ async fn endpoint_half_close_still_gets_the_whole_request() {
     .await
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn endpoint_reset_reaches_the_client_as_a_reset() {
+async fn endpoint_reset_reaches_the_client_as_a_reset(kind: Kind) {
     within(async {
-        let (mut client, mut endpoint, relay) = harness().await;
+        let (mut client, mut endpoint, relay) = harness(kind).await;
         client.write_all(b"hello").await.unwrap();
         let mut buf = [0u8; 5];
         endpoint.read_exact(&mut buf).await.unwrap();
@@ -293,12 +299,11 @@ async fn endpoint_reset_reaches_the_client_as_a_reset() {
     .await
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn endpoint_reset_mid_response_is_not_a_clean_end() {
+async fn endpoint_reset_mid_response_is_not_a_clean_end(kind: Kind) {
     within(async {
         // The dangerous case: the client already has part of a response; a
         // clean EOF now would pass a truncated response off as complete.
-        let (mut client, mut endpoint, relay) = harness().await;
+        let (mut client, mut endpoint, relay) = harness(kind).await;
         let part = payload(7, 256 * 1024);
         let mut got = vec![0u8; part.len()];
         let (_, read) = tokio::join!(
@@ -321,10 +326,9 @@ async fn endpoint_reset_mid_response_is_not_a_clean_end() {
     .await
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn client_reset_reaches_the_endpoint_as_a_reset() {
+async fn client_reset_reaches_the_endpoint_as_a_reset(kind: Kind) {
     within(async {
-        let (mut client, mut endpoint, relay) = harness().await;
+        let (mut client, mut endpoint, relay) = harness(kind).await;
         let request = payload(8, 4096);
         client.write_all(&request).await.unwrap();
         let mut got = vec![0u8; request.len()];
@@ -350,14 +354,13 @@ async fn client_reset_reaches_the_endpoint_as_a_reset() {
     .await
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn counts_bytes_exactly() {
+async fn counts_bytes_exactly(kind: Kind) {
     within(async {
         // Odd sizes that are not multiples of the relay's buffer, written in
         // uneven pieces, so a miscount at a chunk edge shows.
         let up = payload(9, 3 * relay::BUF_SIZE * 17 + 1);
         let down = payload(10, 5 * relay::BUF_SIZE + 12_345);
-        let (mut client, mut endpoint, relay) = harness().await;
+        let (mut client, mut endpoint, relay) = harness(kind).await;
 
         let (_, (got, end)) = tokio::join!(
             async {
@@ -392,10 +395,9 @@ async fn counts_bytes_exactly() {
     .await
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn empty_connection_ends_cleanly_with_zero_bytes() {
+async fn empty_connection_ends_cleanly_with_zero_bytes(kind: Kind) {
     within(async {
-        let (mut client, mut endpoint, relay) = harness().await;
+        let (mut client, mut endpoint, relay) = harness(kind).await;
         client.shutdown().await.unwrap();
         let (got, end) = read_until_end(&mut endpoint).await;
         end.unwrap();
@@ -411,12 +413,11 @@ async fn empty_connection_ends_cleanly_with_zero_bytes() {
     .await
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn endpoint_reset_after_the_client_half_closed_is_a_reset() {
+async fn endpoint_reset_after_the_client_half_closed_is_a_reset(kind: Kind) {
     within(async {
         // A request, FIN, then the server crashes while answering: the client
         // (which can no longer send) must still learn it was a crash.
-        let (mut client, mut endpoint, relay) = harness().await;
+        let (mut client, mut endpoint, relay) = harness(kind).await;
         let request = payload(11, 10_000);
         let (_, (got, end)) = tokio::join!(
             write_all_then(&mut client, &request, true),
@@ -446,13 +447,12 @@ async fn endpoint_reset_after_the_client_half_closed_is_a_reset() {
     .await
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn client_reset_after_the_endpoint_half_closed_is_a_reset() {
+async fn client_reset_after_the_endpoint_half_closed_is_a_reset(kind: Kind) {
     within(async {
         // The server finished sending (FIN) and is still reading an upload
         // when the client crashes: the server must not take the partial
         // upload for a complete one.
-        let (mut client, mut endpoint, relay) = harness().await;
+        let (mut client, mut endpoint, relay) = harness(kind).await;
         let (_, (got, end)) = tokio::join!(
             write_all_then(&mut endpoint, b"ready", true),
             read_until_end(&mut client),
@@ -479,4 +479,112 @@ async fn client_reset_after_the_endpoint_half_closed_is_a_reset() {
         assert_eq!(out.downstream_bytes, 5);
     })
     .await
+}
+
+async fn sink_that_stops_reading_loses_nothing(kind: Kind) {
+    within(async {
+        // 64 MiB is far more than both sockets' kernel buffers and the
+        // relay's pipe or scratch buffer can hold, so while the endpoint
+        // does not read, the client's writes must stall (back-pressure) and
+        // nothing may be dropped or buffered without bound in between.
+        let (client, mut endpoint, relay) = harness(kind).await;
+        let up = payload(21, 64 * MIB);
+        let (mut cr, mut cw) = client.into_split();
+        let data = up.clone();
+        let mut writer = tokio::spawn(async move {
+            cw.write_all(&data).await.unwrap();
+            cw.shutdown().await.unwrap();
+            cw
+        });
+        // A bounded negative check (not synchronisation): the writer cannot
+        // finish while nobody reads.
+        let stalled = tokio::time::timeout(Duration::from_millis(300), &mut writer).await;
+        assert!(stalled.is_err(), "64 MiB went through without a reader");
+        let seen = relay.observed.up.load(Ordering::Relaxed);
+        assert!(
+            seen < (64 * MIB) as u64,
+            "the relay claims to have forwarded everything"
+        );
+        let (got, end) = read_until_end(&mut endpoint).await;
+        end.unwrap();
+        assert_same(&got, &up, "client to endpoint after the stall");
+        let _cw = writer.await.unwrap();
+        drop(endpoint);
+        let mut rest = Vec::new();
+        cr.read_to_end(&mut rest).await.unwrap();
+        assert!(rest.is_empty());
+        let out = relay.outcome().await;
+        assert_eq!(out.ending, Ending::Clean);
+        assert_eq!(out.upstream_bytes, (64 * MIB) as u64);
+    })
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn splice_mode_moves_bytes_without_falling_back() {
+    within(async {
+        let before = lean::splice_fallbacks();
+        let (client, endpoint, relay) = harness(Kind::Lean(Mode::Splice)).await;
+        let up = payload(31, 2 * MIB);
+        let down = payload(32, 2 * MIB);
+        let (at_endpoint, at_client) = tokio::join!(
+            tokio::spawn(send_and_receive(endpoint, down.clone())),
+            tokio::spawn(send_and_receive(client, up.clone())),
+        );
+        assert_same(&at_endpoint.unwrap(), &up, "client to endpoint");
+        assert_same(&at_client.unwrap(), &down, "endpoint to client");
+        assert_eq!(relay.outcome().await.ending, Ending::Clean);
+        // Copy-mode cases in this binary never touch the counter.
+        assert_eq!(
+            lean::splice_fallbacks(),
+            before,
+            "splice fell back to copying"
+        );
+    })
+    .await
+}
+
+/// Every case, for one relay.
+macro_rules! cases {
+    ($kind:expr) => {
+        cases!(
+            $kind,
+            transfers_8_mib_both_ways_at_once_byte_exact,
+            client_half_close_still_gets_the_whole_response,
+            endpoint_half_close_still_gets_the_whole_request,
+            endpoint_reset_reaches_the_client_as_a_reset,
+            endpoint_reset_mid_response_is_not_a_clean_end,
+            client_reset_reaches_the_endpoint_as_a_reset,
+            counts_bytes_exactly,
+            empty_connection_ends_cleanly_with_zero_bytes,
+            endpoint_reset_after_the_client_half_closed_is_a_reset,
+            client_reset_after_the_endpoint_half_closed_is_a_reset,
+            sink_that_stops_reading_loses_nothing,
+        );
+    };
+    ($kind:expr, $($name:ident),* $(,)?) => {
+        $(
+            #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+            async fn $name() {
+                super::$name($kind).await
+            }
+        )*
+    };
+}
+
+mod generic {
+    use super::Kind;
+    cases!(Kind::Generic);
+}
+
+mod copy {
+    use super::Kind;
+    use ferry::proxy::lean::Mode;
+    cases!(Kind::Lean(Mode::Copy));
+}
+
+mod splice {
+    use super::Kind;
+    use ferry::proxy::lean::Mode;
+    cases!(Kind::Lean(Mode::Splice));
 }
