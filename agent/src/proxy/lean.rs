@@ -27,7 +27,7 @@ use tokio::io::Interest;
 use tokio::net::TcpStream;
 use tracing::{debug, warn};
 
-use super::relay::{Ending, Observe, Outcome, reset};
+use super::relay::{Ending, Observe, Outcome, PumpError, reset};
 
 /// Errors of the zero-copy plumbing (pipe creation); they only ever make a
 /// direction fall back to copying.
@@ -149,13 +149,6 @@ fn unsupported(e: &io::Error) -> bool {
         e.raw_os_error(),
         Some(libc::EINVAL) | Some(libc::ENOSYS) | Some(libc::EOPNOTSUPP)
     )
-}
-
-enum PumpError {
-    /// Reading the source failed (it reset).
-    Read(io::Error),
-    /// Writing the sink failed (it reset or went away).
-    Write(io::Error),
 }
 
 /// Passes a FIN on: shuts down the sink's write side.
@@ -361,27 +354,7 @@ pub async fn relay_until(
         let on_down = |n| observe.downstream(n);
         let upstream = pump(mode, &client, &endpoint, &mut up, &on_up);
         let downstream = pump(mode, &endpoint, &client, &mut down, &on_down);
-        tokio::pin!(upstream, downstream, abort);
-        let mut up_done = false;
-        let mut down_done = false;
-        loop {
-            tokio::select! {
-                r = &mut upstream, if !up_done => match r {
-                    Ok(()) => up_done = true,
-                    Err(PumpError::Read(e)) => { error = Some(e.kind()); break Ending::ClientReset }
-                    Err(PumpError::Write(e)) => { error = Some(e.kind()); break Ending::EndpointReset }
-                },
-                r = &mut downstream, if !down_done => match r {
-                    Ok(()) => down_done = true,
-                    Err(PumpError::Read(e)) => { error = Some(e.kind()); break Ending::EndpointReset }
-                    Err(PumpError::Write(e)) => { error = Some(e.kind()); break Ending::ClientReset }
-                },
-                () = &mut abort => break Ending::Aborted,
-            }
-            if up_done && down_done {
-                break Ending::Clean;
-            }
-        }
+        super::relay::settle(upstream, downstream, abort, &mut error).await
     };
     match ending {
         Ending::Clean => {}

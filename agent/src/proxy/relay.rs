@@ -15,6 +15,7 @@
 //! [`Peer`]: the HBONE tunnel's HTTP/2 stream maps a FIN to END_STREAM and a
 //! reset to RST_STREAM, so the same rules hold across nodes.
 
+use std::future::Future;
 use std::io;
 
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
@@ -89,7 +90,7 @@ impl Observe for () {
     fn downstream(&self, _: u64) {}
 }
 
-enum PumpError {
+pub(crate) enum PumpError {
     /// Reading the source failed (it reset).
     Read(io::Error),
     /// Writing the sink failed (it reset or went away).
@@ -123,6 +124,41 @@ pub fn reset(stream: &TcpStream) {
     let _ = socket2::SockRef::from(stream).set_linger(Some(std::time::Duration::ZERO));
 }
 
+/// Runs both directions' pumps until both have finished (`Clean`), one
+/// fails, or `abort` completes, and says how the connection ended; the
+/// failing side's error kind goes to `error`. A failed read means its source
+/// reset; a failed write means the sink reset or went away. Shared by this
+/// relay and [`super::lean`].
+pub(crate) async fn settle(
+    upstream: impl Future<Output = Result<(), PumpError>>,
+    downstream: impl Future<Output = Result<(), PumpError>>,
+    abort: impl Future<Output = ()>,
+    error: &mut Option<io::ErrorKind>,
+) -> Ending {
+    tokio::pin!(upstream, downstream, abort);
+    let mut up_done = false;
+    let mut down_done = false;
+    loop {
+        tokio::select! {
+            r = &mut upstream, if !up_done => match r {
+                Ok(()) => up_done = true,
+                // The client reset, or the endpoint stopped taking data.
+                Err(PumpError::Read(e)) => { *error = Some(e.kind()); return Ending::ClientReset }
+                Err(PumpError::Write(e)) => { *error = Some(e.kind()); return Ending::EndpointReset }
+            },
+            r = &mut downstream, if !down_done => match r {
+                Ok(()) => down_done = true,
+                Err(PumpError::Read(e)) => { *error = Some(e.kind()); return Ending::EndpointReset }
+                Err(PumpError::Write(e)) => { *error = Some(e.kind()); return Ending::ClientReset }
+            },
+            () = &mut abort => return Ending::Aborted,
+        }
+        if up_done && down_done {
+            return Ending::Clean;
+        }
+    }
+}
+
 /// Relays until both directions are finished or one side resets; consumes
 /// both streams (they are closed, or reset, on return).
 pub async fn relay<C: Peer, E: Peer>(client: C, endpoint: E, observe: &dyn Observe) -> Outcome {
@@ -147,28 +183,7 @@ pub async fn relay_until<C: Peer, E: Peer>(
         let on_down = |n| observe.downstream(n);
         let upstream = pump(&mut cr, &mut ew, &mut up, &on_up);
         let downstream = pump(&mut er, &mut cw, &mut down, &on_down);
-        tokio::pin!(upstream, downstream, abort);
-        let mut up_done = false;
-        let mut down_done = false;
-        loop {
-            tokio::select! {
-                r = &mut upstream, if !up_done => match r {
-                    Ok(()) => up_done = true,
-                    // The client reset, or the endpoint stopped taking data.
-                    Err(PumpError::Read(e)) => { error = Some(e.kind()); break Ending::ClientReset }
-                    Err(PumpError::Write(e)) => { error = Some(e.kind()); break Ending::EndpointReset }
-                },
-                r = &mut downstream, if !down_done => match r {
-                    Ok(()) => down_done = true,
-                    Err(PumpError::Read(e)) => { error = Some(e.kind()); break Ending::EndpointReset }
-                    Err(PumpError::Write(e)) => { error = Some(e.kind()); break Ending::ClientReset }
-                },
-                () = &mut abort => break Ending::Aborted,
-            }
-            if up_done && down_done {
-                break Ending::Clean;
-            }
-        }
+        settle(upstream, downstream, abort, &mut error).await
     };
     match ending {
         Ending::Clean => {}
