@@ -391,48 +391,41 @@ fn bench(
                     server.v4
                 )
             };
-            let config = t
-                .ferry_config(&services(VIP))
-                .replace("proxy:\n", "proxy:\n  zero_copy: true\n");
-            let ferry = t.start_ferry("ferry", &config)?;
-            // The second instance: its own ports and service address; both
-            // attach to the enrolled cgroup (BPF links coexist) and each
-            // captures only its own service address.
-            let config = t
-                .ferry_config(&services(VIP_COPY))
-                .replace("[::]:15001", "[::]:15101")
-                .replace("0.0.0.0:15020", "0.0.0.0:15120")
-                .replace("0.0.0.0:15021", "0.0.0.0:15121")
-                .replace("[::]:15008", "[::]:15108")
-                .replace("proxy:\n", "proxy:\n  zero_copy: false\n");
-            // start_ferry waits for this instance's own /ready (15121).
-            let ferry_copy = t.start_ferry("ferry-copy", &config)?;
+            // Instance k listens on the default ports + 100·k (outbound,
+            // metrics, readiness, HBONE inbound) and captures only its own
+            // service address; all attach to the enrolled cgroup (BPF links
+            // coexist).
+            let config = |k: u16, vip: &str, extra: &str| {
+                let mut c = t.ferry_config(&services(vip));
+                for (host, port) in [
+                    ("[::]", 15001),
+                    ("0.0.0.0", 15020),
+                    ("0.0.0.0", 15021),
+                    ("[::]", 15008),
+                ] {
+                    c = c.replace(
+                        &format!("{host}:{port}"),
+                        &format!("{host}:{}", port + 100 * k),
+                    );
+                }
+                c.replace("proxy:\n", &format!("proxy:\n{extra}"))
+            };
+            let splice = config(0, VIP, "  zero_copy: true\n");
+            let copy = config(1, VIP_COPY, "  zero_copy: false\n");
             // The third: no eBPF capture; clients outside the enrolled
             // cgroup reach it by netfilter, REDIRECT to its listener. (Its
             // own port: REDIRECTed flows' conntrack entries would clash with
             // eBPF-captured flows to the same listener, and netfilter then
             // remaps their source ports.)
-            let config = t
-                .ferry_config(&services(VIP_REDIRECT))
-                .replace("capture:\n", "capture:\n  enabled: false\n")
-                .replace("[::]:15001", "[::]:15201")
-                .replace("0.0.0.0:15020", "0.0.0.0:15220")
-                .replace("0.0.0.0:15021", "0.0.0.0:15221")
-                .replace("[::]:15008", "[::]:15208")
-                .replace("proxy:\n", "proxy:\n  zero_copy: true\n");
-            let ferry_redirect = t.start_ferry("ferry-redirect", &config)?;
+            let redirect = config(2, VIP_REDIRECT, "  zero_copy: true\n")
+                .replace("capture:\n", "capture:\n  enabled: false\n");
             // The fourth: like the first, plus in-kernel socket joining.
-            let config = t
-                .ferry_config(&services(VIP_JOIN))
-                .replace("[::]:15001", "[::]:15301")
-                .replace("0.0.0.0:15020", "0.0.0.0:15320")
-                .replace("0.0.0.0:15021", "0.0.0.0:15321")
-                .replace("[::]:15008", "[::]:15308")
-                .replace(
-                    "proxy:\n",
-                    "proxy:\n  zero_copy: true\n  socket_join: true\n",
-                );
-            let ferry_join = t.start_ferry("ferry-join", &config)?;
+            let join = config(3, VIP_JOIN, "  zero_copy: true\n  socket_join: true\n");
+            // start_ferry waits for each instance's own /ready.
+            let ferry = t.start_ferry("ferry", &splice)?;
+            let ferry_copy = t.start_ferry("ferry-copy", &copy)?;
+            let ferry_redirect = t.start_ferry("ferry-redirect", &redirect)?;
+            let ferry_join = t.start_ferry("ferry-join", &join)?;
             let (code, body) = ferry_join.http("15320", "/metrics")?;
             if code != 200 || metric_value(&body, "ferry_socket_join_enabled") != 1.0 {
                 bail!("the socket-join Ferry runs without joining (kernel refused it?)");
