@@ -31,7 +31,7 @@ use tracing::{Instrument, debug, info, info_span, warn};
 
 use super::policy::{Denial, authorize};
 use super::pool::connect_marked;
-use super::stream::TunnelStream;
+use super::stream::{TcpRole, TunnelStream};
 use super::{CONNECTION_WINDOW, HANDSHAKE_TIMEOUT, HboneError, MAX_FRAME, STREAM_WINDOW};
 use crate::metrics::{DenyLabels, DirectionLabels, HboneMetrics};
 use crate::proxy::relay;
@@ -300,7 +300,8 @@ impl Inbound {
         let tunnel = TunnelStream::new(send, request.into_body(), None);
         // At the drain deadline both sides are reset (RST_STREAM and a TCP
         // reset), never closed as if complete.
-        let out = relay::relay_until(tunnel, pod, &(), kill.cancelled()).await;
+        let out =
+            super::stream::relay_until(pod, tunnel, TcpRole::Endpoint, &(), kill.cancelled()).await;
         info!(
             src = %source,
             upstream_bytes = out.upstream_bytes,

@@ -1,29 +1,33 @@
-//! One tunnelled connection: an HTTP/2 CONNECT stream as a relay [`Peer`].
+//! One tunnelled connection: an HTTP/2 CONNECT stream, and the relay
+//! between it and a TCP socket ([`relay_until`]).
 //!
-//! * bytes are DATA frames; flow control is released as bytes are taken, so
-//!   at most one window is buffered per direction;
-//! * the relay's FIN (write shutdown) is END_STREAM, and END_STREAM from the
-//!   peer is a read of 0 bytes (a FIN);
-//! * the relay's abort is RST_STREAM(CONNECT_ERROR) (RFC 9113 §8.5: a TCP
-//!   reset is signalled that way), and RST_STREAM from the peer is a read or
-//!   write error of kind `ConnectionReset`, which the relay turns back into
-//!   a TCP reset.
+//! * bytes are DATA frames. A read from the socket goes into the buffer
+//!   that becomes the DATA payload, and a received payload is written to the
+//!   socket from the buffer it arrived in: Ferry copies no payload itself
+//!   (TLS encrypts and decrypts in place below). An idle stream holds no
+//!   buffer: the socket is read only once it is readable;
+//! * flow control is released once the socket has taken the bytes, so at
+//!   most one window waits per direction, and the socket is not read again
+//!   until the stream has the capacity for what was read;
+//! * a FIN from the socket is END_STREAM, END_STREAM from the peer is a FIN
+//!   (write shutdown) on the socket;
+//! * a reset becomes RST_STREAM(CONNECT_ERROR) (RFC 9113 §8.5: a TCP reset
+//!   is signalled that way), and RST_STREAM from the peer an error of kind
+//!   `ConnectionReset`, which the relay turns back into a TCP reset.
 
+use std::future::{Future, poll_fn};
 use std::io;
-use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::task::{Context, Poll, ready};
 use std::time::Instant;
 
-use bytes::{Buf, Bytes};
+use bytes::{Bytes, BytesMut};
 use h2::{Reason, RecvStream, SendStream};
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::TcpStream;
 
-use crate::proxy::relay::Peer;
-
-/// Largest DATA payload written at once.
-const MAX_CHUNK: usize = 64 * 1024;
+use crate::proxy::lean::{pass_fin, write_all};
+use crate::proxy::relay::{Ending, Observe, Outcome, PumpError, reset, settle};
 
 /// Stream accounting of one tunnel connection.
 #[derive(Debug, Default)]
@@ -69,7 +73,6 @@ impl Drop for Slot {
 pub struct TunnelStream {
     send: SendStream<Bytes>,
     recv: RecvStream,
-    pending: Bytes,
     ended: bool,
     _slot: Option<Slot>,
 }
@@ -79,7 +82,6 @@ impl TunnelStream {
         TunnelStream {
             send,
             recv,
-            pending: Bytes::new(),
             ended: false,
             _slot: slot,
         }
@@ -99,103 +101,9 @@ pub fn h2_io(e: h2::Error) -> io::Error {
     }
 }
 
-pub struct TunnelRead<'a> {
-    recv: &'a mut RecvStream,
-    pending: &'a mut Bytes,
-}
-
-pub struct TunnelWrite<'a> {
-    send: &'a mut SendStream<Bytes>,
-    ended: &'a mut bool,
-}
-
-impl AsyncRead for TunnelRead<'_> {
-    fn poll_read(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<io::Result<()>> {
-        let this = &mut *self;
-        while this.pending.is_empty() {
-            match ready!(this.recv.poll_data(cx)) {
-                None => return Poll::Ready(Ok(())), // END_STREAM: a FIN
-                Some(Err(e)) => return Poll::Ready(Err(h2_io(e))),
-                Some(Ok(data)) => {
-                    // Let the peer send more as soon as we hold the bytes.
-                    let _ = this.recv.flow_control().release_capacity(data.len());
-                    *this.pending = data;
-                }
-            }
-        }
-        let n = this.pending.len().min(buf.remaining());
-        buf.put_slice(&this.pending[..n]);
-        this.pending.advance(n);
-        Poll::Ready(Ok(()))
-    }
-}
-
-impl AsyncWrite for TunnelWrite<'_> {
-    fn poll_write(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<io::Result<usize>> {
-        if buf.is_empty() {
-            return Poll::Ready(Ok(0));
-        }
-        let this = &mut *self;
-        let want = buf.len().min(MAX_CHUNK);
-        this.send.reserve_capacity(want);
-        while this.send.capacity() == 0 {
-            match ready!(this.send.poll_capacity(cx)) {
-                None => {
-                    return Poll::Ready(Err(io::Error::new(
-                        io::ErrorKind::ConnectionReset,
-                        "tunnel stream closed",
-                    )));
-                }
-                Some(Err(e)) => return Poll::Ready(Err(h2_io(e))),
-                Some(Ok(_)) => {}
-            }
-        }
-        let n = this.send.capacity().min(want);
-        this.send
-            .send_data(Bytes::copy_from_slice(&buf[..n]), false)
-            .map_err(h2_io)?;
-        Poll::Ready(Ok(n))
-    }
-
-    fn poll_flush(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Poll::Ready(Ok(()))
-    }
-
-    fn poll_shutdown(mut self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        let this = &mut *self;
-        if !*this.ended {
-            *this.ended = true;
-            this.send.send_data(Bytes::new(), true).map_err(h2_io)?;
-        }
-        Poll::Ready(Ok(()))
-    }
-}
-
-impl Peer for TunnelStream {
-    type Read<'a> = TunnelRead<'a>;
-    type Write<'a> = TunnelWrite<'a>;
-
-    fn halves(&mut self) -> (TunnelRead<'_>, TunnelWrite<'_>) {
-        (
-            TunnelRead {
-                recv: &mut self.recv,
-                pending: &mut self.pending,
-            },
-            TunnelWrite {
-                send: &mut self.send,
-                ended: &mut self.ended,
-            },
-        )
-    }
-
+impl TunnelStream {
+    /// Ends the stream with RST_STREAM(CONNECT_ERROR): RFC 9113 §8.5's
+    /// signal for a TCP reset.
     fn abort(&mut self) {
         self.send.send_reset(Reason::CONNECT_ERROR);
     }
@@ -208,5 +116,162 @@ impl Drop for TunnelStream {
         if !self.ended {
             self.send.send_reset(Reason::CANCEL);
         }
+    }
+}
+
+/// Which side of the relay the TCP socket is on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TcpRole {
+    /// Ferry's outbound side: the captured client socket; the tunnel leads
+    /// to the endpoint.
+    Client,
+    /// The inbound side: the local pod's socket is the endpoint; the tunnel
+    /// carries the client.
+    Endpoint,
+}
+
+/// Bytes read from the socket at once; one read becomes one DATA payload
+/// (split into frames of the peer's maximum frame size, and TLS records,
+/// below).
+const READ_CHUNK: usize = 64 * 1024;
+
+/// Socket → tunnel. Waits for the socket to be readable before taking a
+/// buffer (an idle connection holds none), reads straight into the buffer
+/// that becomes the DATA payload (no copy in Ferry), and does not read again
+/// until HTTP/2 flow control has taken all of it.
+async fn socket_to_tunnel(
+    from: &TcpStream,
+    send: &mut SendStream<Bytes>,
+    ended: &mut bool,
+    count: &mut u64,
+    on_bytes: &(dyn Fn(u64) + Send + Sync),
+) -> Result<(), PumpError> {
+    loop {
+        from.readable().await.map_err(PumpError::Read)?;
+        let mut buf = BytesMut::with_capacity(READ_CHUNK);
+        match from.try_read_buf(&mut buf) {
+            Ok(0) => {
+                *ended = true;
+                return send
+                    .send_data(Bytes::new(), true)
+                    .map_err(|e| PumpError::Write(h2_io(e)));
+            }
+            Ok(n) => {
+                let mut data = buf.freeze();
+                while !data.is_empty() {
+                    send.reserve_capacity(data.len());
+                    let granted = poll_fn(|cx| poll_granted(send, cx))
+                        .await
+                        .map_err(PumpError::Write)?;
+                    let part = data.split_to(granted.min(data.len()));
+                    send.send_data(part, false)
+                        .map_err(|e| PumpError::Write(h2_io(e)))?;
+                }
+                *count += n as u64;
+                on_bytes(n as u64);
+            }
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+            Err(e) => return Err(PumpError::Read(e)),
+        }
+    }
+}
+
+/// Waits until the stream has send capacity and says how much.
+fn poll_granted(send: &mut SendStream<Bytes>, cx: &mut Context<'_>) -> Poll<io::Result<usize>> {
+    loop {
+        let c = send.capacity();
+        if c > 0 {
+            return Poll::Ready(Ok(c));
+        }
+        match ready!(send.poll_capacity(cx)) {
+            None => {
+                return Poll::Ready(Err(io::Error::new(
+                    io::ErrorKind::ConnectionReset,
+                    "tunnel stream closed",
+                )));
+            }
+            Some(Err(e)) => return Poll::Ready(Err(h2_io(e))),
+            Some(Ok(_)) => {}
+        }
+    }
+}
+
+/// Tunnel → socket: each DATA payload is written from the buffer HTTP/2
+/// received it in (no copy in Ferry); its flow-control window is released
+/// once the socket has taken it, so at most one window waits per stream.
+async fn tunnel_to_socket(
+    recv: &mut RecvStream,
+    to: &TcpStream,
+    count: &mut u64,
+    on_bytes: &(dyn Fn(u64) + Send + Sync),
+) -> Result<(), PumpError> {
+    loop {
+        match poll_fn(|cx| recv.poll_data(cx)).await {
+            None => return pass_fin(to), // END_STREAM: a FIN
+            Some(Err(e)) => return Err(PumpError::Read(h2_io(e))),
+            Some(Ok(data)) => {
+                let n = data.len();
+                write_all(to, &data).await?;
+                let _ = recv.flow_control().release_capacity(n);
+                *count += n as u64;
+                on_bytes(n as u64);
+            }
+        }
+    }
+}
+
+/// Relays between a TCP socket and a tunnel stream until both directions are
+/// finished or one side resets; when `abort` completes first both sides are
+/// reset. Same contract as [`crate::proxy::relay::relay_until`]: a FIN is
+/// END_STREAM, a reset is RST_STREAM, half-close keeps the other direction
+/// flowing.
+pub async fn relay_until(
+    tcp: TcpStream,
+    mut tunnel: TunnelStream,
+    role: TcpRole,
+    observe: &dyn Observe,
+    abort: impl Future<Output = ()>,
+) -> Outcome {
+    let mut up = 0u64;
+    let mut down = 0u64;
+    let mut error = None;
+    let ending = {
+        let on_up = |n| observe.upstream(n);
+        let on_down = |n| observe.downstream(n);
+        let TunnelStream {
+            send, recv, ended, ..
+        } = &mut tunnel;
+        match role {
+            TcpRole::Client => {
+                let upstream = socket_to_tunnel(&tcp, send, ended, &mut up, &on_up);
+                let downstream = tunnel_to_socket(recv, &tcp, &mut down, &on_down);
+                settle(upstream, downstream, abort, &mut error).await
+            }
+            TcpRole::Endpoint => {
+                let upstream = tunnel_to_socket(recv, &tcp, &mut up, &on_up);
+                let downstream = socket_to_tunnel(&tcp, send, ended, &mut down, &on_down);
+                settle(upstream, downstream, abort, &mut error).await
+            }
+        }
+    };
+    let tcp_reset = || reset(&tcp);
+    match (ending, role) {
+        (Ending::Clean, _) => {}
+        (Ending::ClientReset, TcpRole::Client) | (Ending::EndpointReset, TcpRole::Endpoint) => {
+            tunnel.abort()
+        }
+        (Ending::ClientReset, TcpRole::Endpoint) | (Ending::EndpointReset, TcpRole::Client) => {
+            tcp_reset()
+        }
+        (Ending::Aborted, _) => {
+            tunnel.abort();
+            tcp_reset();
+        }
+    }
+    Outcome {
+        upstream_bytes: up,
+        downstream_bytes: down,
+        ending,
+        error,
     }
 }

@@ -152,14 +152,14 @@ fn unsupported(e: &io::Error) -> bool {
 }
 
 /// Passes a FIN on: shuts down the sink's write side.
-fn pass_fin(to: &TcpStream) -> Result<(), PumpError> {
+pub(crate) fn pass_fin(to: &TcpStream) -> Result<(), PumpError> {
     socket2::SockRef::from(to)
         .shutdown(Shutdown::Write)
         .map_err(PumpError::Write)
 }
 
 /// Writes all of `data` to `to`, waiting for writability as needed.
-async fn write_all(to: &TcpStream, mut data: &[u8]) -> Result<(), PumpError> {
+pub(crate) async fn write_all(to: &TcpStream, mut data: &[u8]) -> Result<(), PumpError> {
     while !data.is_empty() {
         to.writable().await.map_err(PumpError::Write)?;
         match to.try_write(data) {

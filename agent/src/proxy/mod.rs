@@ -428,7 +428,16 @@ impl Proxy {
                     }
                 }
             }
-            Upstream::Tunnel(t) => relay::relay_until(client, *t, &observe, kill.cancelled()).await,
+            Upstream::Tunnel(t) => {
+                crate::hbone::stream::relay_until(
+                    client,
+                    *t,
+                    crate::hbone::stream::TcpRole::Client,
+                    &observe,
+                    kill.cancelled(),
+                )
+                .await
+            }
         };
         info!(
             upstream_bytes = out.upstream_bytes,
