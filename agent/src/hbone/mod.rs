@@ -26,10 +26,12 @@ use http::{Method, Uri};
 
 use crate::tls::TlsError;
 
-/// HTTP/2 stream receive window (per tunnelled connection).
-pub const STREAM_WINDOW: u32 = 1024 * 1024;
+/// HTTP/2 stream receive window (per tunnelled connection): 4 MiB keeps one
+/// stream at 25 Gbit/s over a 1 ms round trip. What a peer may have in flight
+/// toward a pod that is not reading is capped by the connection window.
+pub const STREAM_WINDOW: u32 = 4 * 1024 * 1024;
 /// HTTP/2 connection receive window (shared by a connection's streams).
-pub const CONNECTION_WINDOW: u32 = 8 * 1024 * 1024;
+pub const CONNECTION_WINDOW: u32 = 16 * 1024 * 1024;
 /// Largest HTTP/2 frame payload we accept.
 pub const MAX_FRAME: u32 = 64 * 1024;
 /// A pooled tunnel connection without streams for this long is closed.
