@@ -333,6 +333,7 @@ fn endpoints_of(
             // the API yet: the defaults (service namespace, `default`) apply.
             namespace: None,
             service_account: None,
+            mesh: None,
         })
         .collect()
 }
