@@ -1130,7 +1130,9 @@ fn endpoint_outside_the_mesh() {
     );
     assert_eq!(
         violations(&text),
-        ["services[0].endpoints[0].mesh: is false but the endpoint has a namespace or service_account (an identity is for mesh pods)"]
+        [
+            "services[0].endpoints[0].mesh: is false but the endpoint has a namespace or service_account (an identity is for mesh pods)"
+        ]
     );
 }
 
