@@ -339,6 +339,17 @@ fn mesh_cluster() -> Objects {
     o
 }
 
+/// A Pod of tests/fixtures/kube/tunnel.yaml, by name.
+fn pod(name: &str) -> serde_json::Value {
+    fixture("tunnel.yaml")["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|i| i["kind"] == "Pod" && i["metadata"]["name"] == name)
+        .cloned()
+        .unwrap_or_else(|| panic!("no pod {name} in tunnel.yaml"))
+}
+
 fn endpoint<'a>(s: &'a Service, ip: &str) -> &'a Endpoint {
     let ip: IpAddr = ip.parse().unwrap();
     s.endpoints()
@@ -503,15 +514,6 @@ fn hbone_port_comes_from_the_agents_inbound_listener() {
 #[test]
 fn pod_changes_move_identity_and_node() {
     let mut o = mesh_cluster();
-    let pod = |name: &str| {
-        fixture("tunnel.yaml")["items"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .find(|i| i["kind"] == "Pod" && i["metadata"]["name"] == name)
-            .cloned()
-            .unwrap()
-    };
     // A new service account.
     let mut b = pod("reviews-b");
     b["spec"]["serviceAccountName"] = "reviews-v2".into();
@@ -568,13 +570,7 @@ fn pod_changes_move_identity_and_node() {
 #[test]
 fn local_pod_without_identity_label_is_not_enrolled() {
     let mut o = mesh_cluster();
-    let mut a = fixture("tunnel.yaml")["items"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|i| i["metadata"]["name"] == "reviews-a")
-        .cloned()
-        .unwrap();
+    let mut a = pod("reviews-a");
     let before = run(&o).cgroups.len();
     a["spec"]["serviceAccountName"] = "Reviews".into();
     o.apply_value(a).unwrap();

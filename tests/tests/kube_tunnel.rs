@@ -250,23 +250,30 @@ authorization:
     assert_eq!(metric_value(&mb, "ferry_certificates_issued_total"), 1.0);
     assert_eq!(metric_value(&ma, "ferry_certificates_issued_total"), 2.0);
 
+    // Fails to reach shop/reviews from `netns` and `cg`, and B's log says
+    // it refused `identity`.
+    let refused = |netns: &str, cg: &CgroupDir, identity: &str| -> Result<()> {
+        let out = t
+            .command_in(
+                netns,
+                &cg.0,
+                &curl,
+                &["-sS", "--max-time", "5", "http://10.96.0.30/"],
+            )
+            .output()?;
+        assert!(!out.status.success(), "{out:?}");
+        let log = ferry_b.log_text();
+        assert!(
+            log.contains(&format!(
+                "src=spiffe://cluster.local/{identity} reason=\"no_allow_rule\""
+            )),
+            "B refused {identity}:\n{log}"
+        );
+        Ok(())
+    };
+
     // The intruder pod: tunnelled under its own identity, refused by B.
-    let denied = t
-        .command_in(
-            &intruder.netns,
-            &in_cg.0,
-            &curl,
-            &["-sS", "--max-time", "5", "http://10.96.0.30/"],
-        )
-        .output()?;
-    assert!(!denied.status.success(), "{denied:?}");
-    assert!(
-        ferry_b
-            .log_text()
-            .contains("src=spiffe://cluster.local/ns/shop/sa/intruder reason=\"no_allow_rule\""),
-        "B refused the intruder's identity:\n{}",
-        ferry_b.log_text()
-    );
+    refused(&intruder.netns, &in_cg, "ns/shop/sa/intruder")?;
     assert_eq!(
         ferry_a.metric(r#"ferry_connection_failures_total{reason="denied_by_peer"}"#)?,
         1.0
@@ -299,22 +306,7 @@ authorization:
         updates + 1.0,
         Duration::from_secs(10),
     )?;
-    let refused = t
-        .command_in(
-            &productpage.netns,
-            &pp_cg.0,
-            &curl,
-            &["-sS", "--max-time", "5", "http://10.96.0.30/"],
-        )
-        .output()?;
-    assert!(!refused.status.success(), "{refused:?}");
-    assert!(
-        ferry_b.log_text().contains(
-            "src=spiffe://cluster.local/ns/shop/sa/productpage-v2 reason=\"no_allow_rule\""
-        ),
-        "{}",
-        ferry_b.log_text()
-    );
+    refused(&productpage.netns, &pp_cg, "ns/shop/sa/productpage-v2")?;
     drop(rt);
     Ok(())
 }

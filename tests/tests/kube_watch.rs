@@ -286,16 +286,6 @@ async fn cluster_without_gateway_api_still_syncs() {
     stop.cancel();
 }
 
-fn tunnel_pod(name: &str) -> Value {
-    fixture("tunnel.yaml")["items"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|i| i["kind"] == "Pod" && i["metadata"]["name"] == name)
-        .cloned()
-        .unwrap()
-}
-
 /// `namespace/service account` of a mesh endpoint of shop/reviews, `-` for
 /// one outside the mesh.
 fn reviews_identity(t: &Translated, ip: &str) -> Option<String> {
@@ -332,7 +322,8 @@ async fn cluster_wide_pod_watch_moves_identities_and_workloads() {
     assert_eq!(metrics.nodes_without_address.get(), 1);
 
     // A watch event: node-b's pod gets another service account.
-    let mut b = tunnel_pod("reviews-b");
+    let mut b = fixture("tunnel.yaml")["items"][8].clone();
+    assert_eq!(b["metadata"]["name"], "reviews-b");
     b["spec"]["serviceAccountName"] = "reviews-v2".into();
     api.apply(b.clone());
     wait_for(&mut rx, "the new service account", |t| {
