@@ -146,6 +146,13 @@ pub async fn run_with(
                 }
             }
         };
+        if config.tls.ca == config::CaSource::Generate {
+            warn!(
+                "tls.ca is `generate`: each node's Ferry has its own CA, so no node could verify another; \
+                 connections to pods on other nodes go directly, in plaintext. Give every node one CA \
+                 (tls.ca: {{ cert, key }} from a Secret) to tunnel them"
+            );
+        }
         if let Some(t) = first {
             apply_translated(&mut config, &t);
         }
@@ -356,7 +363,18 @@ pub async fn run_with(
                 if let Err(e) = tls.store().sync(&state.load().workload_identities()).await {
                     error!(error = %e, "issuing certificates for new workloads failed");
                 }
-                info!(services = new.services.len(), "configuration updated from the Kubernetes API");
+                if let Some(rules) = &strict {
+                    let pods: Vec<_> = state.load().workload_addresses().collect();
+                    if let Err(e) = rules.update(&pods, current.capture.bypass_mark) {
+                        error!(error = %e, "updating the STRICT rules failed");
+                    }
+                }
+                info!(
+                    services = new.services.len(),
+                    workloads = new.workloads.len(),
+                    nodes = new.nodes.len(),
+                    "configuration updated from the Kubernetes API"
+                );
                 current = new;
             }
             _ = sigterm.recv() => { info!("SIGTERM: draining"); break; }
@@ -379,9 +397,11 @@ pub async fn run_with(
                     Err(e) => error!(error = %e, "reload rejected; keeping the running configuration"),
                     Ok(mut new) => {
                         if new.source == config::Source::Kubernetes {
-                            // Services come from the API, not the file.
+                            // Services, workloads and nodes come from the API, not the file.
                             new.services = current.services.clone();
                             new.locality = current.locality.clone();
+                            new.workloads = current.workloads.clone();
+                            new.nodes = current.nodes.clone();
                         }
                         if new.listeners != current.listeners || new.capture != current.capture {
                             warn!("listeners and capture settings change only on restart; services are reloaded");
@@ -456,12 +476,20 @@ pub async fn run_with(
     Ok(())
 }
 
-/// Puts what the cluster says into a configuration: services and this
-/// node's locality.
+/// Puts what the cluster says into a configuration: services, this node's
+/// locality, its mesh workloads and the other nodes' tunnel addresses. With
+/// a generated CA no other node could verify this one's certificates, so no
+/// node is tunnelled to (endpoints on other nodes go direct).
 fn apply_translated(config: &mut Config, t: &crate::k8s::Translated) {
     config.services = t.services.clone();
     config.locality.zone = t.zone.clone();
     config.locality.region = t.region.clone();
+    config.workloads = t.workloads.clone();
+    config.nodes = if config.tls.ca == config::CaSource::Generate {
+        Default::default()
+    } else {
+        t.nodes.clone()
+    };
 }
 
 /// Attaches capture to the enrolled pods' cgroups and detaches it from

@@ -1,13 +1,15 @@
 //! Translation of Kubernetes objects, as `kubectl get -o yaml` prints them
 //! (tests/fixtures/kube), into Ferry's configuration: additions, updates and
-//! deletions.
+//! deletions; enrollment and local identities; which endpoints are reached
+//! through the tunnel, with which identity and node address.
 
 use std::collections::BTreeSet;
-use std::net::IpAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
 
-use ferry::config::{self, Algorithm, CgroupDriver, EndpointTarget, Kubernetes, Service};
+use ferry::config::{self, Algorithm, CgroupDriver, Endpoint, EndpointTarget, Kubernetes, Service};
 use ferry::k8s::{Context, Objects, Translated, pod_cgroup, translate};
+use ferry::state::Snapshot;
 
 fn fixture(name: &str) -> serde_json::Value {
     let path = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
@@ -32,15 +34,17 @@ fn kube(driver: CgroupDriver) -> Kubernetes {
 }
 
 fn run(objects: &Objects) -> Translated {
-    let raw = settings();
+    run_with(objects, &settings())
+}
+
+fn run_with(objects: &Objects, raw: &config::RawConfig) -> Translated {
     let k = kube(CgroupDriver::Systemd);
     translate(
         objects,
         &Context {
             node_name: "node-a",
-            settings: &raw,
+            settings: raw,
             kubernetes: &k,
-            trust_domain: "cluster.local",
         },
     )
 }
@@ -256,20 +260,24 @@ fn enrollment_cgroups_and_identities() {
     .map(String::from)
     .collect();
     assert_eq!(t.cgroups, want);
-    let id = |ip: &str| t.identities.get(&ip.parse::<IpAddr>().unwrap()).cloned();
-    assert_eq!(
-        id("10.1.0.9").as_deref(),
-        Some("spiffe://cluster.local/ns/shop/sa/storefront")
-    );
-    assert_eq!(
-        id("fd00:1::9").as_deref(),
-        Some("spiffe://cluster.local/ns/shop/sa/storefront")
-    );
+    let id = |ip: &str| {
+        let ip: IpAddr = ip.parse().unwrap();
+        t.workloads
+            .iter()
+            .find(|w| w.address == ip)
+            .map(|w| format!("{}/{}", w.namespace, w.service_account))
+    };
+    assert_eq!(id("10.1.0.9").as_deref(), Some("shop/storefront"));
+    assert_eq!(id("fd00:1::9").as_deref(), Some("shop/storefront"));
     assert_eq!(
         id("10.1.0.10").as_deref(),
-        Some("spiffe://cluster.local/ns/shop/sa/default")
+        Some("shop/default"),
+        "no serviceAccountName: default"
     );
+    // Not enrolled: the legacy namespace's pod, the opted-out one.
     assert_eq!(id("10.1.0.12"), None);
+    assert_eq!(id("10.1.0.11"), None);
+    assert_eq!(t.workloads.len(), 3, "{:?}", t.workloads);
 
     // The legacy namespace joins the mesh: its pod is enrolled too.
     let mut ns = fixture("namespaces.yaml")["items"][1].clone();
@@ -321,4 +329,257 @@ fn pod_cgroup_paths_for_both_drivers() {
     assert_eq!(pod_cgroup(&s, "../../etc", "Burstable"), None);
     assert_eq!(pod_cgroup(&s, uid, "Platinum"), None);
     assert_eq!(pod_cgroup(&s, "", "Burstable"), None);
+}
+
+/// The cluster with tests/fixtures/kube/tunnel.yaml: pods and nodes behind
+/// the endpoints of shop/reviews and legacy/old.
+fn mesh_cluster() -> Objects {
+    let mut o = cluster();
+    o.apply_value(fixture("tunnel.yaml")).unwrap();
+    o
+}
+
+/// A Pod of tests/fixtures/kube/tunnel.yaml, by name.
+fn pod(name: &str) -> serde_json::Value {
+    fixture("tunnel.yaml")["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|i| i["kind"] == "Pod" && i["metadata"]["name"] == name)
+        .cloned()
+        .unwrap_or_else(|| panic!("no pod {name} in tunnel.yaml"))
+}
+
+fn endpoint<'a>(s: &'a Service, ip: &str) -> &'a Endpoint {
+    let ip: IpAddr = ip.parse().unwrap();
+    s.endpoints()
+        .find(|e| e.ip() == Some(ip))
+        .unwrap_or_else(|| panic!("{ip} is not an endpoint of {}", s.key()))
+}
+
+/// What the agent builds from a translation (as app.rs does: services,
+/// workloads and nodes from the API).
+fn snapshot(t: &Translated) -> Snapshot {
+    let mut c = config::parse(
+        "node: { name: node-a }\ncapture: { enabled: false }\n",
+        "test",
+    )
+    .expect("valid settings");
+    c.services = t.services.clone();
+    c.workloads = t.workloads.clone();
+    c.nodes = t.nodes.clone();
+    Snapshot::new(&c)
+}
+
+fn addr(s: &str) -> SocketAddr {
+    s.parse().unwrap()
+}
+
+#[test]
+fn remote_mesh_endpoints_carry_node_and_identity_and_are_tunnelled() {
+    let t = run(&mesh_cluster());
+    assert!(t.rejected.is_empty(), "{:?}", t.rejected);
+    let reviews = service(&t, "shop/reviews");
+
+    // On node-b, in the mesh: node, identity, tunnelled to node-b's InternalIP.
+    let b = endpoint(reviews, "10.1.1.61");
+    assert_eq!(b.locality.node.as_deref(), Some("node-b"));
+    assert_eq!(
+        (b.namespace.as_str(), b.service_account.as_str(), b.mesh),
+        ("shop", "reviews", true)
+    );
+    // On this node: in the mesh, but local.
+    let a = endpoint(reviews, "10.1.0.60");
+    assert_eq!(a.locality.node.as_deref(), Some("node-a"));
+    assert!(a.mesh);
+
+    let snap = snapshot(&t);
+    let route = snap
+        .route("10.1.1.61".parse().unwrap())
+        .expect("node-b's mesh pod is tunnelled");
+    assert_eq!(route.node, "node-b");
+    assert_eq!(route.node_addr, addr("192.168.10.12:15008"));
+    assert_eq!(
+        route.identity.uri(),
+        "spiffe://cluster.local/ns/shop/sa/reviews"
+    );
+    assert!(
+        snap.route("10.1.0.60".parse().unwrap()).is_none(),
+        "this node's pod is reached locally"
+    );
+    // This node's pod is a local workload: the inbound side accepts it and
+    // the outbound side presents its identity.
+    let local = snap
+        .workload("10.1.0.60".parse().unwrap())
+        .expect("local workload");
+    assert_eq!(local.uri(), "spiffe://cluster.local/ns/shop/sa/reviews");
+    assert!(snap.workload("10.1.1.61".parse().unwrap()).is_none());
+}
+
+#[test]
+fn endpoints_outside_the_mesh_stay_direct() {
+    let t = run(&mesh_cluster());
+    let snap = snapshot(&t);
+    let reviews = service(&t, "shop/reviews");
+    // Opted out, no targetRef, a targetRef whose uid is not the cached
+    // pod's: on node-b (which has an address) but not mesh pods.
+    for ip in ["10.1.1.62", "10.1.1.63", "10.1.1.64"] {
+        let e = endpoint(reviews, ip);
+        assert_eq!(e.locality.node.as_deref(), Some("node-b"), "{ip}");
+        assert!(!e.mesh, "{ip}");
+        assert!(snap.route(ip.parse().unwrap()).is_none(), "{ip}");
+    }
+    // A pod of a namespace outside the mesh, on node-b.
+    let old = endpoint(service(&t, "legacy/old"), "10.1.1.70");
+    assert_eq!(old.locality.node.as_deref(), Some("node-b"));
+    assert!(!old.mesh);
+    assert!(snap.route("10.1.1.70".parse().unwrap()).is_none());
+
+    // The namespace joins the mesh: the same pod is tunnelled, under its
+    // own identity.
+    let mut o = mesh_cluster();
+    let mut ns = fixture("namespaces.yaml")["items"][1].clone();
+    ns["metadata"]["labels"]["ferry.io/mesh"] = "enabled".into();
+    o.apply_value(ns).unwrap();
+    let t = run(&o);
+    let route = snapshot(&t)
+        .route("10.1.1.70".parse().unwrap())
+        .cloned()
+        .expect("tunnelled once in the mesh");
+    assert_eq!(
+        route.identity.uri(),
+        "spiffe://cluster.local/ns/legacy/sa/old"
+    );
+}
+
+#[test]
+fn node_addresses_internal_first_ipv4_first_and_unaddressed_nodes() {
+    let t = run(&mesh_cluster());
+    // node-c lists only its host name: its mesh pod goes direct, and the
+    // node is reported.
+    assert!(!t.nodes.contains_key("node-c"));
+    assert_eq!(t.unaddressed_nodes, BTreeSet::from(["node-c".to_owned()]));
+    let c = endpoint(service(&t, "shop/reviews"), "10.1.3.65");
+    assert_eq!(c.locality.node.as_deref(), Some("node-c"));
+    assert!(!c.mesh, "no address for node-c: not tunnelled");
+    let snap = snapshot(&t);
+    assert!(snap.route("10.1.3.65".parse().unwrap()).is_none());
+
+    // Dual-stack node-d lists an IPv6 InternalIP first, an ExternalIP, then
+    // an IPv4 InternalIP: the IPv4 InternalIP wins.
+    assert_eq!(t.nodes["node-d"], addr("192.168.10.14:15008"));
+    // node-e has only ExternalIPs: the IPv4 one.
+    assert_eq!(t.nodes["node-e"], addr("203.0.113.15:15008"));
+    assert_eq!(t.nodes["node-a"], addr("192.168.10.11:15008"));
+    let d = snap
+        .route("10.1.4.66".parse().unwrap())
+        .expect("node-d's pod is tunnelled");
+    assert_eq!(d.node_addr, addr("192.168.10.14:15008"));
+    // reviews-d has no serviceAccountName: `default`.
+    assert_eq!(
+        d.identity.uri(),
+        "spiffe://cluster.local/ns/shop/sa/default"
+    );
+    assert_eq!(
+        snap.route("10.1.5.67".parse().unwrap())
+            .map(|r| r.node_addr),
+        Some(addr("203.0.113.15:15008"))
+    );
+
+    // An IPv6-only node: its IPv6 InternalIP.
+    let mut o = mesh_cluster();
+    let mut node_c = fixture("tunnel.yaml")["items"][0].clone();
+    node_c["status"]["addresses"] = serde_json::json!([
+        {"address": "fd00:10::13", "type": "InternalIP"},
+        {"address": "node-c", "type": "Hostname"}
+    ]);
+    o.apply_value(node_c).unwrap();
+    let t = run(&o);
+    assert_eq!(t.nodes["node-c"], addr("[fd00:10::13]:15008"));
+    assert!(t.unaddressed_nodes.is_empty());
+    assert!(endpoint(service(&t, "shop/reviews"), "10.1.3.65").mesh);
+}
+
+#[test]
+fn hbone_port_comes_from_the_agents_inbound_listener() {
+    let raw = config::parse_raw(
+        "source: kubernetes\ncapture: { enabled: false }\nlisteners: { inbound: \"[::]:15108\" }\n",
+        "test",
+    )
+    .unwrap();
+    let t = run_with(&mesh_cluster(), &raw);
+    assert_eq!(t.nodes["node-b"], addr("192.168.10.12:15108"));
+}
+
+#[test]
+fn pod_changes_move_identity_and_node() {
+    let mut o = mesh_cluster();
+    // A new service account.
+    let mut b = pod("reviews-b");
+    b["spec"]["serviceAccountName"] = "reviews-v2".into();
+    o.apply_value(b.clone()).unwrap();
+    let t = run(&o);
+    assert_eq!(
+        snapshot(&t)
+            .route("10.1.1.61".parse().unwrap())
+            .map(|r| r.identity.uri()),
+        Some("spiffe://cluster.local/ns/shop/sa/reviews-v2".to_owned())
+    );
+    // A service account that cannot be an identity: out of the mesh.
+    b["spec"]["serviceAccountName"] = "reviews.v2".into();
+    o.apply_value(b.clone()).unwrap();
+    let t = run(&o);
+    assert!(t.rejected.is_empty(), "{:?}", t.rejected);
+    assert!(!endpoint(service(&t, "shop/reviews"), "10.1.1.61").mesh);
+    // The pod opts out.
+    b["spec"]["serviceAccountName"] = "reviews".into();
+    b["metadata"]["annotations"] = serde_json::json!({"ferry.io/capture": "disabled"});
+    o.apply_value(b.clone()).unwrap();
+    assert!(
+        snapshot(&run(&o))
+            .route("10.1.1.61".parse().unwrap())
+            .is_none()
+    );
+    // The pod is gone from the cache (the slice not updated yet): direct.
+    o.delete_value(b).unwrap();
+    assert!(
+        snapshot(&run(&o))
+            .route("10.1.1.61".parse().unwrap())
+            .is_none()
+    );
+    // Back; then node-b loses its only address: its endpoints go direct.
+    o.apply_value(pod("reviews-b")).unwrap();
+    assert!(
+        snapshot(&run(&o))
+            .route("10.1.1.61".parse().unwrap())
+            .is_some()
+    );
+    let mut node_b = fixture("nodes.yaml")["items"][1].clone();
+    node_b["status"]["addresses"] = serde_json::json!([]);
+    o.apply_value(node_b).unwrap();
+    let t = run(&o);
+    assert!(!t.nodes.contains_key("node-b"));
+    assert!(
+        t.unaddressed_nodes.contains("node-b"),
+        "{:?}",
+        t.unaddressed_nodes
+    );
+    assert!(snapshot(&t).route("10.1.1.61".parse().unwrap()).is_none());
+}
+
+#[test]
+fn local_pod_without_identity_label_is_not_enrolled() {
+    let mut o = mesh_cluster();
+    let mut a = pod("reviews-a");
+    let before = run(&o).cgroups.len();
+    a["spec"]["serviceAccountName"] = "Reviews".into();
+    o.apply_value(a).unwrap();
+    let t = run(&o);
+    assert_eq!(t.cgroups.len(), before - 1);
+    assert!(
+        !t.workloads
+            .iter()
+            .any(|w| w.address.to_string() == "10.1.0.60")
+    );
+    assert!(!endpoint(service(&t, "shop/reviews"), "10.1.0.60").mesh);
 }

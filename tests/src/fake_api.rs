@@ -164,9 +164,41 @@ impl FakeApi {
         FakeApi::serve(std::net::TcpListener::bind("127.0.0.1:0")?)
     }
 
-    /// `http://127.0.0.1:PORT`.
+    /// Serves on `addr` inside the network namespace `netns`, from a
+    /// runtime of its own (the caller keeps it alive as long as the server).
+    pub fn serve_in_netns(
+        netns: &str,
+        addr: &str,
+    ) -> anyhow::Result<(tokio::runtime::Runtime, FakeApi)> {
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_all()
+            .build()?;
+        let listener = crate::bind_in_netns(netns, addr)?;
+        let api = {
+            let _g = rt.enter();
+            FakeApi::serve(listener)?
+        };
+        Ok((rt, api))
+    }
+
+    /// `http://ADDR:PORT`.
     pub fn url(&self) -> String {
         format!("http://{}", self.addr)
+    }
+
+    /// Writes a kubeconfig pointing at this server to `<dir>/kubeconfig`
+    /// (for the agent's `KUBECONFIG`) and returns its path.
+    pub fn write_kubeconfig(&self, dir: &std::path::Path) -> std::io::Result<std::path::PathBuf> {
+        let path = dir.join("kubeconfig");
+        std::fs::write(
+            &path,
+            format!(
+                "apiVersion: v1\nkind: Config\nclusters:\n- name: fake\n  cluster:\n    server: {}\nusers:\n- name: none\n  user: {{}}\ncontexts:\n- name: fake\n  context:\n    cluster: fake\n    user: none\ncurrent-context: fake\n",
+                self.url()
+            ),
+        )?;
+        Ok(path)
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {

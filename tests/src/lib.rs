@@ -719,7 +719,8 @@ impl Topology {
         self.start_ferry_in_env(node_netns, label, config_yaml, &[])
     }
 
-    fn start_ferry_in_env(
+    /// [`Topology::start_ferry_in`] with extra environment variables.
+    pub fn start_ferry_in_env(
         &mut self,
         node_netns: &str,
         label: &str,
@@ -1192,6 +1193,30 @@ pub fn bind_in_netns(netns: &str, addr: &str) -> Result<std::net::TcpListener> {
     })
     .join()
     .map_err(|_| anyhow::anyhow!("bind thread panicked"))?
+}
+
+/// A pod's own cgroup (as the kubelet makes one per pod), removed on drop,
+/// before the topology removes its parent.
+#[derive(Debug)]
+pub struct CgroupDir(pub PathBuf);
+
+impl CgroupDir {
+    pub fn create(path: PathBuf) -> Result<CgroupDir> {
+        std::fs::create_dir_all(&path)?;
+        Ok(CgroupDir(path))
+    }
+}
+
+impl Drop for CgroupDir {
+    fn drop(&mut self) {
+        let _ = std::fs::write(self.0.join("cgroup.kill"), "1");
+        for _ in 0..100 {
+            if std::fs::remove_dir(&self.0).is_ok() || !self.0.exists() {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
 }
 
 /// Parses `ip` as IPv4 or IPv6.

@@ -6,13 +6,12 @@
 //! is deleted; Service and EndpointSlice changes reach the data path.
 //! Needs root; fails (does not skip) when CI=true and it cannot run.
 
-use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::Result;
 use ferry_tests::fake_api::FakeApi;
 use ferry_tests::{
-    Group, Topology, count_ids, ferry_programs_on, root_test_can_run, wait_for, which,
+    CgroupDir, Group, Topology, count_ids, ferry_programs_on, root_test_can_run, wait_for, which,
 };
 use serde_json::{Value, json};
 
@@ -57,21 +56,6 @@ fn pod(node: &str) -> Value {
                       "podIP": "10.77.1.10", "podIPs": [{"ip": "10.77.1.10"}]}})
 }
 
-/// Removes the pod cgroup before the topology removes its parent.
-struct CgroupDir(PathBuf);
-
-impl Drop for CgroupDir {
-    fn drop(&mut self) {
-        let _ = std::fs::write(self.0.join("cgroup.kill"), "1");
-        for _ in 0..100 {
-            if std::fs::remove_dir(&self.0).is_ok() || !self.0.exists() {
-                break;
-            }
-            std::thread::sleep(Duration::from_millis(10));
-        }
-    }
-}
-
 #[test]
 fn kubernetes_mode_syncs_attaches_and_serves() -> Result<()> {
     if !root_test_can_run("kubernetes_mode_syncs_attaches_and_serves") {
@@ -100,30 +84,14 @@ fn kubernetes_mode_syncs_attaches_and_serves() -> Result<()> {
     // The kubelet's cgroup for the pod (cgroupfs driver, Guaranteed QoS),
     // under the topology's own cgroup tree.
     let root = t.enrolled_cgroup.clone();
-    let pod_cg = CgroupDir(t.cgroup_path(Group::Enrolled).join(format!("pod{POD_UID}")));
-    std::fs::create_dir_all(&pod_cg.0)?;
+    let pod_cg = CgroupDir::create(t.cgroup_path(Group::Enrolled).join(format!("pod{POD_UID}")))?;
 
     // The fake API server on the node namespace's loopback.
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(1)
-        .enable_all()
-        .build()?;
-    let listener = ferry_tests::bind_in_netns(&node, "127.0.0.1:0")?;
-    let api = {
-        let _g = rt.enter();
-        FakeApi::serve(listener)?
-    };
+    let (rt, api) = FakeApi::serve_in_netns(&node, "127.0.0.1:0")?;
     for o in cluster(&t.name) {
         api.apply(o);
     }
-    let kubeconfig = t.dir.join("kubeconfig");
-    std::fs::write(
-        &kubeconfig,
-        format!(
-            "apiVersion: v1\nkind: Config\nclusters:\n- name: fake\n  cluster:\n    server: {}\nusers:\n- name: none\n  user: {{}}\ncontexts:\n- name: fake\n  context:\n    cluster: fake\n    user: none\ncurrent-context: fake\n",
-            api.url()
-        ),
-    )?;
+    let kubeconfig = api.write_kubeconfig(&t.dir)?;
     let cfg = format!(
         "source: kubernetes\nnode:\n  name: {}\nlisteners:\n  outbound: \"[::]:15001\"\n  metrics: \"0.0.0.0:15020\"\n  readiness: \"0.0.0.0:15021\"\n\
          capture:\n  redirect_ipv4: 10.77.1.1\n  redirect_ipv6: \"fd77:1::1\"\nproxy:\n  drain_deadline: 2s\n\

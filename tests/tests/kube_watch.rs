@@ -4,7 +4,8 @@
 //! protocol itself. Covered: nothing published before every cache has
 //! listed; updates; relist after `410 Gone`; the API unreachable and back
 //! (the last good configuration stays meanwhile); a cluster without the
-//! TCPRoute CRD; the Pod watch's node field selector.
+//! TCPRoute CRD; the cluster-wide Pod watch, whose events move endpoint
+//! identities and local workloads.
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -172,11 +173,12 @@ async fn list_watch_relist_outage_and_recovery() {
     assert_eq!(t.zone.as_deref(), Some("eu-west-1a"));
     assert_eq!(t.cgroups.len(), 2);
     wait_until("synced gauge", || metrics.synced.get() == 1).await;
-    // The Pod watch asks only for this node's pods.
+    // The Pod watch is cluster-wide: endpoints on other nodes need their
+    // pods' service accounts.
     assert!(
         api.queries("Pod")
             .iter()
-            .all(|q| q.contains("fieldSelector=spec.nodeName%3Dnode-a")),
+            .all(|q| !q.contains("fieldSelector")),
         "{:?}",
         api.queries("Pod")
     );
@@ -281,5 +283,95 @@ async fn cluster_without_gateway_api_still_syncs() {
             .any(|s| s.key() == "shop/checkout" && s.sets.len() == 2)
     })
     .await;
+    stop.cancel();
+}
+
+/// `namespace/service account` of a mesh endpoint of shop/reviews, `-` for
+/// one outside the mesh.
+fn reviews_identity(t: &Translated, ip: &str) -> Option<String> {
+    let ip: std::net::IpAddr = ip.parse().unwrap();
+    let s = t.services.iter().find(|s| s.key() == "shop/reviews")?;
+    let e = s.endpoints().find(|e| e.ip() == Some(ip))?;
+    Some(if e.mesh {
+        format!("{}/{}", e.namespace, e.service_account)
+    } else {
+        "-".into()
+    })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cluster_wide_pod_watch_moves_identities_and_workloads() {
+    let api = FakeApi::start().await.unwrap();
+    load_cluster(&api);
+    api.apply(fixture("tunnel.yaml"));
+    let (mut rx, metrics, stop) = start(&api);
+
+    // From the initial list: node-b's pod (another node) and node-a's.
+    let t = wait_for(&mut rx, "the first configuration", |_| true).await;
+    assert_eq!(
+        reviews_identity(&t, "10.1.1.61").as_deref(),
+        Some("shop/reviews")
+    );
+    assert_eq!(
+        t.nodes.get("node-b"),
+        Some(&"192.168.10.12:15008".parse().unwrap())
+    );
+    let local = |t: &Translated, ip: &str| t.workloads.iter().any(|w| w.address.to_string() == ip);
+    assert!(local(&t, "10.1.0.60") && !local(&t, "10.1.1.61"));
+    assert_eq!(t.unaddressed_nodes.iter().collect::<Vec<_>>(), ["node-c"]);
+    assert_eq!(metrics.nodes_without_address.get(), 1);
+
+    // A watch event: node-b's pod gets another service account.
+    let mut b = fixture("tunnel.yaml")["items"][8].clone();
+    assert_eq!(b["metadata"]["name"], "reviews-b");
+    b["spec"]["serviceAccountName"] = "reviews-v2".into();
+    api.apply(b.clone());
+    wait_for(&mut rx, "the new service account", |t| {
+        reviews_identity(t, "10.1.1.61").as_deref() == Some("shop/reviews-v2")
+    })
+    .await;
+
+    // The pod is recreated on this node (same name and address, as a
+    // StatefulSet's would be; the slice still says node-b for a while): it
+    // becomes a local workload with its identity.
+    b["spec"]["nodeName"] = "node-a".into();
+    api.apply(b.clone());
+    let t = wait_for(&mut rx, "the pod as a local workload", |t| {
+        local(t, "10.1.1.61")
+    })
+    .await;
+    let w = t
+        .workloads
+        .iter()
+        .find(|w| w.address.to_string() == "10.1.1.61")
+        .unwrap();
+    assert_eq!(
+        (w.namespace.as_str(), w.service_account.as_str()),
+        ("shop", "reviews-v2")
+    );
+
+    // Deleted: neither local nor a mesh endpoint any more.
+    api.delete(b);
+    wait_for(&mut rx, "the pod gone", |t| {
+        !local(t, "10.1.1.61") && reviews_identity(t, "10.1.1.61").as_deref() == Some("-")
+    })
+    .await;
+
+    // A relist (410 Gone) with a change made meanwhile: node-c gets an address.
+    api.expire_watches();
+    let mut node_c = fixture("tunnel.yaml")["items"][0].clone();
+    node_c["status"]["addresses"] =
+        serde_json::json!([{"address": "192.168.10.13", "type": "InternalIP"}]);
+    api.apply(node_c);
+    let t = wait_for(&mut rx, "node-c addressed", |t| {
+        t.nodes.contains_key("node-c")
+    })
+    .await;
+    assert!(t.unaddressed_nodes.is_empty());
+    assert_eq!(metrics.nodes_without_address.get(), 0);
+    assert_eq!(
+        reviews_identity(&t, "10.1.3.65").as_deref(),
+        Some("shop/reviews")
+    );
     stop.cancel();
 }

@@ -395,6 +395,10 @@ pub struct RawEndpoint {
     pub namespace: Option<String>,
     /// The pod's service account (its identity); default `default`.
     pub service_account: Option<String>,
+    /// Whether the pod is in the mesh (its node's Ferry holds its identity);
+    /// default true. An endpoint outside the mesh is always connected to
+    /// directly, in plaintext, even on a node listed in `nodes`.
+    pub mesh: Option<bool>,
 }
 
 fn default_weight() -> u32 {
@@ -571,6 +575,9 @@ pub struct Endpoint {
     /// tunnel.
     pub namespace: String,
     pub service_account: String,
+    /// The pod is in the mesh: on another node listed in `nodes` it is
+    /// reached through the tunnel (otherwise directly).
+    pub mesh: bool,
 }
 
 impl Endpoint {
@@ -951,9 +958,17 @@ impl RawConfig {
                     {
                         bad(format!("{eat}.service_account"), "must be a DNS label");
                     }
+                    let has_identity = e.namespace.is_some() || e.service_account.is_some();
+                    if e.mesh == Some(false) && has_identity {
+                        bad(
+                            format!("{eat}.mesh"),
+                            "is false but the endpoint has a namespace or service_account (an identity is for mesh pods)",
+                        );
+                    }
                     // An identity says the pod is in the mesh: on another node
                     // it must be reachable through that node's tunnel.
-                    if (e.namespace.is_some() || e.service_account.is_some())
+                    if has_identity
+                        && e.mesh != Some(false)
                         && let Some(n) = &e.node
                         && *n != node_name
                         && !self.nodes.contains_key(n)
@@ -1028,6 +1043,7 @@ impl RawConfig {
                             .service_account
                             .clone()
                             .unwrap_or_else(default_service_account),
+                        mesh: e.mesh.unwrap_or(true),
                     });
                 }
                 sets.push(BackendSet {

@@ -18,6 +18,7 @@ fn ep(addr: &str, weight: u32) -> Endpoint {
         locality: Locality::default(),
         namespace: "default".into(),
         service_account: "default".into(),
+        mesh: true,
     }
 }
 
@@ -144,6 +145,7 @@ fn example_file_parses_with_documented_values() {
                         },
                         namespace: "shop".into(),
                         service_account: "reviews".into(),
+                        mesh: true,
                     }],
                 }],
                 policy: c.services[1].policy.clone(),
@@ -1098,6 +1100,39 @@ fn endpoint_on_an_unlisted_node_without_identity_is_locality_only() {
     assert_eq!(
         c.services[0].sets[0].endpoints[0].locality.node.as_deref(),
         Some("node-z")
+    );
+}
+
+#[test]
+fn endpoint_outside_the_mesh() {
+    // `mesh: false`: no identity, and a listed node does not make it
+    // tunnelled (the snapshot's job; here only the field and its rules).
+    let c = ok(&format!(
+        "nodes: {{ node-b: 10.77.0.2 }}\n{}",
+        services(
+            "  - name: web
+    addresses: [10.96.0.20]
+    ports: [{ port: 80 }]
+    endpoints:
+      - { address: 10.1.1.7, node: node-b, mesh: false }
+      - { address: 10.1.1.8, node: node-b }
+",
+        )
+    ));
+    let eps = &c.services[0].sets[0].endpoints;
+    assert_eq!((eps[0].mesh, eps[1].mesh), (false, true), "default true");
+    let text = services(
+        "  - name: web
+    addresses: [10.96.0.20]
+    ports: [{ port: 80 }]
+    endpoints: [{ address: 10.1.1.7, node: node-z, mesh: false, service_account: web }]
+",
+    );
+    assert_eq!(
+        violations(&text),
+        [
+            "services[0].endpoints[0].mesh: is false but the endpoint has a namespace or service_account (an identity is for mesh pods)"
+        ]
     );
 }
 

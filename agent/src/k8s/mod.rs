@@ -1,8 +1,8 @@
 //! The Kubernetes config source: watches the API and publishes what the
 //! cluster says this node should run.
 //!
-//! One kube-runtime watcher per resource (Services, EndpointSlices, the Pods
-//! of this node, Nodes, Namespaces, TCPRoutes) keeps a cache. A watcher
+//! One kube-runtime watcher per resource (Services, EndpointSlices, Pods,
+//! Nodes, Namespaces, TCPRoutes) keeps a cache. A watcher
 //! restarts with exponential backoff after any error and lists again after
 //! `410 Gone` (kube-runtime resets to a fresh list on that status); a
 //! relist replaces the cache only when it is complete (`InitDone`), so an
@@ -12,7 +12,20 @@
 //! During an API outage nothing changes, so the last good snapshot stays in
 //! force. A cluster without the Gateway API CRDs (TCPRoute list answers 404)
 //! counts as having no routes.
+//!
+//! **One cluster-wide Pod watch.** Endpoints on other nodes need the
+//! service account of the pod behind them (their tunnel identity), so the
+//! Pod watch covers the whole cluster; this node's pods (enrollment,
+//! cgroups, local identities) are the subset whose `spec.nodeName` is this
+//! node. One watch rather than a node-scoped one beside a cluster-wide one:
+//! the node's pods would be received and cached twice. Its memory stays
+//! small because neither the stream nor the cache holds whole Pods: the
+//! watch decodes [`pod::PodObject`] (metadata and the handful of spec and
+//! status fields read; serde skips the rest) and the cache keeps only its
+//! [`pod::PodInfo`] (namespace, uid, node, service account, addresses, QoS
+//! class and three flags).
 
+pub mod pod;
 pub mod tcproute;
 pub mod translate;
 
@@ -22,7 +35,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use futures_util::StreamExt;
-use k8s_openapi::api::core::v1::{Namespace, Node, Pod, Service};
+use k8s_openapi::api::core::v1::{Namespace, Node, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use kube::Api;
 use kube::runtime::utils::StreamBackoff;
@@ -104,6 +117,9 @@ pub struct KubeMetrics {
     pub synced: Gauge,
     /// `ferry_kube_updates_total`: snapshots published.
     pub updates: Counter,
+    /// `ferry_kube_nodes_without_address`: other nodes with mesh endpoints
+    /// that cannot be tunnelled to (no address known); those go direct.
+    pub nodes_without_address: Gauge,
 }
 
 impl KubeMetrics {
@@ -123,6 +139,11 @@ impl KubeMetrics {
             "Configurations published from the Kubernetes API",
             self.updates.clone(),
         );
+        r.register(
+            "ferry_kube_nodes_without_address",
+            "Other nodes with mesh endpoints but no InternalIP or ExternalIP: their endpoints are reached directly, not through the tunnel",
+            self.nodes_without_address.clone(),
+        );
         for res in Resource::ALL {
             let _ = self.watch_errors.get_or_create(&ResourceLabels {
                 resource: res.name(),
@@ -138,7 +159,6 @@ pub struct Options {
     /// The agent's settings, which translated services are validated with.
     pub settings: RawConfig,
     pub kubernetes: Kubernetes,
-    pub trust_domain: String,
     /// First and longest wait between retries of a failed watch.
     pub backoff_min: Duration,
     pub backoff_max: Duration,
@@ -150,7 +170,6 @@ impl Options {
             node_name: node_name.to_owned(),
             settings,
             kubernetes,
-            trust_domain: "cluster.local".into(),
             backoff_min: Duration::from_millis(500),
             backoff_max: Duration::from_secs(30),
         }
@@ -188,7 +207,6 @@ pub fn spawn(
         stop: stop.clone(),
         opts: opts.clone(),
     };
-    let node_field = format!("spec.nodeName={}", opts.node_name);
     w.start(
         Api::<Service>::all(client.clone()),
         watcher::Config::default(),
@@ -202,8 +220,8 @@ pub fn spawn(
         |o| &mut o.slices,
     );
     w.start(
-        Api::<Pod>::all(client.clone()),
-        watcher::Config::default().fields(&node_field),
+        Api::<pod::PodObject>::all(client.clone()),
+        watcher::Config::default(),
         Resource::Pods,
         |o| &mut o.pods,
     );
@@ -245,32 +263,36 @@ impl Watch {
         self.shared.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    fn start<K>(
+    /// Watches `K` objects and caches each as a `V` (the object itself, or
+    /// what is kept of it).
+    fn start<K, V>(
         &self,
         api: Api<K>,
         cfg: watcher::Config,
         res: Resource,
-        cache: fn(&mut Objects) -> &mut BTreeMap<String, K>,
+        cache: fn(&mut Objects) -> &mut BTreeMap<String, V>,
     ) where
         K: kube::Resource + Clone + DeserializeOwned + Debug + Send + Sync + 'static,
+        V: From<K> + Send + 'static,
     {
         let w = self.clone();
         tokio::spawn(async move { w.run(api, cfg, res, cache).await });
     }
 
-    async fn run<K>(
+    async fn run<K, V>(
         self,
         api: Api<K>,
         cfg: watcher::Config,
         res: Resource,
-        cache: fn(&mut Objects) -> &mut BTreeMap<String, K>,
+        cache: fn(&mut Objects) -> &mut BTreeMap<String, V>,
     ) where
         K: kube::Resource + Clone + DeserializeOwned + Debug + Send + Sync + 'static,
+        V: From<K> + Send + 'static,
     {
         let backoff = Backoff::new(self.opts.backoff_min, self.opts.backoff_max);
         let stream = StreamBackoff::new(watcher::watcher(api, cfg), backoff);
         let mut stream = std::pin::pin!(stream);
-        let mut buffer: Option<BTreeMap<String, K>> = None;
+        let mut buffer: Option<BTreeMap<String, V>> = None;
         let i = res.index();
         loop {
             let ev = tokio::select! {
@@ -289,7 +311,7 @@ impl Watch {
                 Ok(Event::InitApply(o)) => {
                     buffer
                         .get_or_insert_with(BTreeMap::new)
-                        .insert(translate::key(&o), o);
+                        .insert(translate::key(&o), V::from(o));
                 }
                 Ok(Event::InitDone) => {
                     let fresh = buffer.take().unwrap_or_default();
@@ -304,7 +326,7 @@ impl Watch {
                 }
                 Ok(Event::Apply(o)) => {
                     let mut s = self.lock();
-                    cache(&mut s.objects).insert(translate::key(&o), o);
+                    cache(&mut s.objects).insert(translate::key(&o), V::from(o));
                     s.healthy[i] = true;
                     drop(s);
                     self.notify.notify_one();
@@ -415,16 +437,27 @@ async fn publish(
                 node_name: &opts.node_name,
                 settings: &opts.settings,
                 kubernetes: &opts.kubernetes,
-                trust_domain: &opts.trust_domain,
             };
             translate(&s.objects, &cx)
         };
         if last.as_deref() == Some(&translated) {
             continue;
         }
+        // Said once per node, when it starts lacking an address.
+        let before = last.as_ref().map(|t| &t.unaddressed_nodes);
+        for node in &translated.unaddressed_nodes {
+            if !before.is_some_and(|b| b.contains(node)) {
+                warn!(node = %node, "node has mesh endpoints but no InternalIP or ExternalIP; its endpoints are reached directly, not through the tunnel");
+            }
+        }
+        metrics
+            .nodes_without_address
+            .set(i64::try_from(translated.unaddressed_nodes.len()).unwrap_or(i64::MAX));
         info!(
             services = translated.services.len(),
             cgroups = translated.cgroups.len(),
+            workloads = translated.workloads.len(),
+            nodes = translated.nodes.len(),
             rejected = translated.rejected.len(),
             "configuration from the Kubernetes API"
         );

@@ -1,24 +1,41 @@
 //! Kubernetes objects → Ferry's configuration.
 //!
 //! Pure functions over an [`Objects`] cache: the watch loop keeps the cache,
-//! this module turns it into the same validated [`config::Service`] list the
-//! file source produces, the cgroups to enroll, this node's locality and the
-//! workload identities of the pods on this node. Nothing here panics on API
-//! input: a Service that does not translate into a valid configuration is
-//! left out (and named in [`Translated::rejected`]), the rest go on.
+//! this module turns it into what the file source gives: the validated
+//! [`config::Service`] list, the cgroups to enroll, this node's locality,
+//! the mesh's local workloads (`workloads`) and the other nodes' tunnel
+//! addresses (`nodes`). Nothing here panics on API input: a Service that
+//! does not translate into a valid configuration is left out (and named in
+//! [`Translated::rejected`]), the rest go on.
+//!
+//! **The mesh.** A pod is in the mesh when its namespace is labelled
+//! `ferry.io/mesh=enabled`, it is not annotated `ferry.io/capture:
+//! disabled`, it is not on the host network and its service account is a
+//! DNS label (a SPIFFE identity must be one). Each endpoint of an
+//! EndpointSlice is matched to its pod through `targetRef` (kind Pod, same
+//! uid); it carries its node (`nodeName`, else the pod's) and, when the pod
+//! is in the mesh and either on this node or on a node whose address is
+//! known, its identity (namespace, service account) with `mesh: true`. Any
+//! other endpoint is `mesh: false` and is connected to directly, as before
+//! Ferry. A node's tunnel address is its first `InternalIP` (IPv4 before
+//! IPv6), else its first `ExternalIP`, with the agent's own HBONE port
+//! (`listeners.inbound`, all nodes run the same DaemonSet).
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::net::IpAddr;
+use std::net::{IpAddr, SocketAddr};
 
-use k8s_openapi::api::core::v1::{Namespace, Node, Pod, Service};
-use k8s_openapi::api::discovery::v1::EndpointSlice;
+use k8s_openapi::api::core::v1::{Namespace, Node, Service};
+use k8s_openapi::api::discovery::v1::{Endpoint as SliceEndpoint, EndpointSlice};
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use kube::ResourceExt;
 
+use super::pod::{PodInfo, PodObject};
 use super::tcproute::TcpRoute;
 use crate::config::{
     self, CgroupDriver, Kubernetes, RawBackendSet, RawConfig, RawEndpoint, RawPort, RawService,
+    Workload,
 };
+use crate::tls::identity::valid_label;
 
 /// Label on a Namespace that enrolls its pods.
 pub const MESH_LABEL: &str = "ferry.io/mesh";
@@ -39,7 +56,8 @@ const REGION_LABEL: &str = "topology.kubernetes.io/region";
 pub struct Objects {
     pub services: BTreeMap<String, Service>,
     pub slices: BTreeMap<String, EndpointSlice>,
-    pub pods: BTreeMap<String, Pod>,
+    /// Every pod of the cluster, reduced to what Ferry reads.
+    pub pods: BTreeMap<String, PodInfo>,
     pub nodes: BTreeMap<String, Node>,
     pub namespaces: BTreeMap<String, Namespace>,
     pub routes: BTreeMap<String, TcpRoute>,
@@ -86,8 +104,9 @@ impl Objects {
             .and_then(|k| k.as_str())
             .ok_or(ObjectError::NoKind)?
             .to_owned();
-        fn put<K: kube::Resource + serde::de::DeserializeOwned>(
-            map: &mut BTreeMap<String, K>,
+        /// Decodes a `K` and caches it as a `V` (what the watch does).
+        fn put<K: kube::Resource + serde::de::DeserializeOwned, V: From<K>>(
+            map: &mut BTreeMap<String, V>,
             kind: &str,
             v: serde_json::Value,
             add: bool,
@@ -98,7 +117,7 @@ impl Objects {
             })?;
             let k = key(&o);
             if add {
-                map.insert(k, o);
+                map.insert(k, V::from(o));
             } else {
                 map.remove(&k);
             }
@@ -116,12 +135,12 @@ impl Objects {
                 }
                 Ok(())
             }
-            "Service" => put(&mut self.services, &kind, v, add),
-            "EndpointSlice" => put(&mut self.slices, &kind, v, add),
-            "Pod" => put(&mut self.pods, &kind, v, add),
-            "Node" => put(&mut self.nodes, &kind, v, add),
-            "Namespace" => put(&mut self.namespaces, &kind, v, add),
-            "TCPRoute" => put(&mut self.routes, &kind, v, add),
+            "Service" => put::<Service, _>(&mut self.services, &kind, v, add),
+            "EndpointSlice" => put::<EndpointSlice, _>(&mut self.slices, &kind, v, add),
+            "Pod" => put::<PodObject, _>(&mut self.pods, &kind, v, add),
+            "Node" => put::<Node, _>(&mut self.nodes, &kind, v, add),
+            "Namespace" => put::<Namespace, _>(&mut self.namespaces, &kind, v, add),
+            "TCPRoute" => put::<TcpRoute, _>(&mut self.routes, &kind, v, add),
             _ => Err(ObjectError::UnknownKind(kind)),
         }
     }
@@ -137,9 +156,15 @@ pub struct Translated {
     /// This node's zone and region, from its labels.
     pub zone: Option<String>,
     pub region: Option<String>,
-    /// Workload identity (`spiffe://<trust domain>/ns/<ns>/sa/<sa>`) of each
-    /// enrolled pod on this node, by pod IP.
-    pub identities: BTreeMap<IpAddr, String>,
+    /// The enrolled pods on this node, one entry per pod address, by
+    /// address: the identities the tunnel presents for them.
+    pub workloads: Vec<Workload>,
+    /// Tunnel (HBONE) address of every node whose address is known.
+    pub nodes: BTreeMap<String, SocketAddr>,
+    /// Other nodes with mesh endpoints that cannot be tunnelled to because
+    /// no address of theirs is known (no Node object, or neither an
+    /// `InternalIP` nor an `ExternalIP`): those endpoints go direct.
+    pub unaddressed_nodes: BTreeSet<String>,
     /// Services left out, with why.
     pub rejected: Vec<(String, String)>,
 }
@@ -150,9 +175,16 @@ pub struct Context<'a> {
     pub node_name: &'a str,
     /// The agent's own settings (listeners, defaults) that each translated
     /// service is validated with.
+    /// Its `listeners.inbound` port is every node's HBONE port.
     pub settings: &'a RawConfig,
     pub kubernetes: &'a Kubernetes,
-    pub trust_domain: &'a str,
+}
+
+/// What endpoint translation needs to know about this node and the mesh.
+struct Local<'a> {
+    node: &'a str,
+    zone: Option<&'a str>,
+    nodes: &'a BTreeMap<String, SocketAddr>,
 }
 
 fn label<'a>(meta: &'a kube::api::ObjectMeta, name: &str) -> Option<&'a str> {
@@ -174,14 +206,38 @@ pub fn translate(objects: &Objects, cx: &Context<'_>) -> Translated {
     let this_node = objects.nodes.get(cx.node_name);
     let zone = this_node.and_then(|n| label(&n.metadata, ZONE_LABEL).map(str::to_owned));
     let region = this_node.and_then(|n| label(&n.metadata, REGION_LABEL).map(str::to_owned));
+    let port = cx
+        .settings
+        .listeners
+        .inbound
+        .map(|a| a.port())
+        .filter(|p| *p != 0)
+        .unwrap_or(config::HBONE_PORT);
+    let nodes = node_addresses(objects, port);
+    let local = Local {
+        node: cx.node_name,
+        zone: zone.as_deref(),
+        nodes: &nodes,
+    };
 
+    // The agent's settings with the nodes' addresses, so that validation
+    // accepts mesh endpoints on those nodes.
+    let mut base = cx.settings.clone();
+    base.source = config::Source::File;
+    base.capture.enabled = false;
+    base.services.clear();
+    base.workloads.clear();
+    base.nodes = nodes
+        .iter()
+        .map(|(n, a)| (n.clone(), a.to_string()))
+        .collect();
     let mut rejected = Vec::new();
     let mut services = Vec::new();
     for (k, svc) in &objects.services {
-        let Some(raw) = raw_service(objects, svc, zone.as_deref()) else {
+        let Some(raw) = raw_service(objects, svc, &local) else {
             continue;
         };
-        match validate(cx.settings, vec![raw]) {
+        match validate(&mut base, raw) {
             Ok(mut v) => services.append(&mut v),
             Err(why) => {
                 tracing::warn!(service = %k, reason = %why, "service left out");
@@ -190,47 +246,150 @@ pub fn translate(objects: &Objects, cx: &Context<'_>) -> Translated {
         }
     }
 
-    let (cgroups, identities) = enrollment(objects, cx);
+    let (cgroups, workloads) = enrollment(objects, cx);
+    let unaddressed_nodes = unaddressed_nodes(objects, &local);
     Translated {
         services,
         cgroups,
         zone,
         region,
-        identities,
+        workloads,
+        nodes,
+        unaddressed_nodes,
         rejected,
     }
 }
 
+/// The tunnel address of every node with a usable address.
+fn node_addresses(objects: &Objects, port: u16) -> BTreeMap<String, SocketAddr> {
+    objects
+        .nodes
+        .iter()
+        // A node name that is not a DNS name cannot be configured (the
+        // file source would reject it); such a node is simply not tunnelled to.
+        .filter(|(name, _)| name.split('.').all(valid_label))
+        .filter_map(|(name, n)| Some((name.clone(), SocketAddr::new(node_address(n)?, port))))
+        .collect()
+}
+
+/// A node's address for the tunnel: `InternalIP` before `ExternalIP`, IPv4
+/// before IPv6, in the order listed otherwise.
+pub fn node_address(node: &Node) -> Option<IpAddr> {
+    let addresses = node.status.as_ref()?.addresses.as_ref()?;
+    addresses
+        .iter()
+        .filter_map(|a| {
+            let rank = match a.type_.as_str() {
+                "InternalIP" => 0,
+                "ExternalIP" => 2,
+                _ => return None,
+            };
+            let ip: IpAddr = a.address.trim().parse().ok()?;
+            if ip.is_unspecified() || ip.is_multicast() || ip.is_loopback() {
+                return None;
+            }
+            Some((rank + u8::from(ip.is_ipv6()), ip))
+        })
+        .min_by_key(|(rank, _)| *rank)
+        .map(|(_, ip)| ip)
+}
+
+/// Whether a pod asks to be in the mesh: its namespace is labelled, it did
+/// not opt out, it is not on the host network.
+fn wants_mesh(objects: &Objects, pod: &PodInfo) -> bool {
+    objects
+        .namespaces
+        .get(&pod.namespace)
+        .is_some_and(|n| label(&n.metadata, MESH_LABEL) == Some(MESH_ENABLED))
+        && !pod.opted_out
+        && !pod.host_network
+}
+
+/// Whether a pod can have a workload identity: namespace and service
+/// account are DNS labels.
+fn has_identity(pod: &PodInfo) -> bool {
+    valid_label(&pod.namespace) && valid_label(pod.service_account())
+}
+
+/// Whether a pod is in the mesh (see the module documentation).
+fn in_mesh(objects: &Objects, pod: &PodInfo) -> bool {
+    wants_mesh(objects, pod) && has_identity(pod)
+}
+
+/// The pod an endpoint targets (`targetRef` of kind Pod, with the same uid
+/// when both say one), if the cache has it.
+fn endpoint_pod<'a>(
+    objects: &'a Objects,
+    slice_ns: &str,
+    ep: &SliceEndpoint,
+) -> Option<&'a PodInfo> {
+    let r = ep.target_ref.as_ref()?;
+    if r.kind.as_deref() != Some("Pod") {
+        return None;
+    }
+    let ns = r.namespace.as_deref().unwrap_or(slice_ns);
+    let pod = objects.pods.get(&format!("{ns}/{}", r.name.as_deref()?))?;
+    match (&r.uid, &pod.uid) {
+        (Some(a), Some(b)) if a != b => None,
+        _ => Some(pod),
+    }
+}
+
+/// An endpoint's node: the slice's `nodeName`, else its pod's.
+fn endpoint_node(ep: &SliceEndpoint, pod: Option<&PodInfo>) -> Option<String> {
+    ep.node_name
+        .clone()
+        .or_else(|| pod.and_then(|p| p.node.clone()))
+        .filter(|n| !n.trim().is_empty())
+}
+
+/// Other nodes that hold mesh endpoints but have no known address.
+fn unaddressed_nodes(objects: &Objects, local: &Local<'_>) -> BTreeSet<String> {
+    let mut out = BTreeSet::new();
+    for slice in objects.slices.values() {
+        let ns = slice.metadata.namespace.as_deref().unwrap_or("default");
+        for ep in &slice.endpoints {
+            let Some(pod) = endpoint_pod(objects, ns, ep).filter(|p| in_mesh(objects, p)) else {
+                continue;
+            };
+            if let Some(node) = endpoint_node(ep, Some(pod))
+                && node != local.node
+                && !local.nodes.contains_key(&node)
+            {
+                out.insert(node);
+            }
+        }
+    }
+    out
+}
+
 /// Validates services with the agent's settings; returns them or the
 /// violations as one line.
-fn validate(
-    settings: &RawConfig,
-    services: Vec<RawService>,
-) -> Result<Vec<config::Service>, String> {
-    let mut raw = settings.clone();
-    raw.source = config::Source::File;
-    raw.capture.enabled = false;
-    raw.services = services;
-    raw.validate().map(|c| c.services).map_err(|v| {
+fn validate(base: &mut RawConfig, service: RawService) -> Result<Vec<config::Service>, String> {
+    base.services = vec![service];
+    let result = base.validate().map(|c| c.services).map_err(|v| {
         v.iter()
             .map(ToString::to_string)
             .collect::<Vec<_>>()
             .join("; ")
-    })
+    });
+    base.services.clear();
+    result
 }
 
 /// Ready endpoints of a Service (terminating-but-serving ones when no
 /// endpoint is ready), from its EndpointSlices, with zone hints applied for
-/// `local_zone`. `port_name` picks the slice port whose number becomes the
+/// this node's zone and mesh identities where they apply (see the module
+/// documentation). `port_for` picks the slice port whose number becomes the
 /// endpoint port (`None`: no per-endpoint port).
 fn endpoints_of(
     objects: &Objects,
     ns: &str,
     name: &str,
-    local_zone: Option<&str>,
+    local: &Local<'_>,
     port_for: Option<&str>,
 ) -> Vec<RawEndpoint> {
-    struct Cand {
+    struct Cand<'p> {
         ip: IpAddr,
         port: Option<u16>,
         ready: bool,
@@ -238,8 +397,9 @@ fn endpoints_of(
         node: Option<String>,
         zone: Option<String>,
         hints: Option<Vec<String>>,
+        pod: Option<&'p PodInfo>,
     }
-    let mut cands: Vec<Cand> = Vec::new();
+    let mut cands: Vec<Cand<'_>> = Vec::new();
     for slice in slices_of(objects, ns, name) {
         if !matches!(slice.address_type.as_str(), "IPv4" | "IPv6") {
             continue;
@@ -258,7 +418,8 @@ fn endpoints_of(
             let ready = cond.and_then(|c| c.ready).unwrap_or(true);
             let serving = cond.and_then(|c| c.serving).unwrap_or(ready);
             let terminating = cond.and_then(|c| c.terminating).unwrap_or(false);
-            let node = ep.node_name.clone();
+            let pod = endpoint_pod(objects, ns, ep);
+            let node = endpoint_node(ep, pod);
             let zone = ep.zone.clone().or_else(|| {
                 node.as_ref()
                     .and_then(|n| objects.nodes.get(n))
@@ -284,12 +445,13 @@ fn endpoints_of(
                     node: node.clone(),
                     zone: zone.clone(),
                     hints: hints.clone(),
+                    pod,
                 });
             }
         }
     }
     let any_ready = cands.iter().any(|c| c.ready);
-    let mut chosen: Vec<Cand> = cands
+    let mut chosen: Vec<Cand<'_>> = cands
         .into_iter()
         .filter(|c| {
             if any_ready {
@@ -301,7 +463,7 @@ fn endpoints_of(
         .collect();
     // Topology-aware hints, as kube-proxy applies them: only when every
     // endpoint carries hints and at least one is meant for this zone.
-    if let Some(z) = local_zone
+    if let Some(z) = local.zone
         && !chosen.is_empty()
         && chosen
             .iter()
@@ -321,18 +483,30 @@ fn endpoints_of(
     };
     chosen
         .into_iter()
-        .map(|c| RawEndpoint {
-            address: Some(c.ip),
-            hostname: None,
-            port: c.port,
-            weight: 1,
-            region: region_of(&c.node),
-            node: c.node.filter(|n| !n.trim().is_empty()),
-            zone: c.zone.filter(|z| !z.trim().is_empty()),
-            // The pod's identity (its service account) is not read from
-            // the API yet: the defaults (service namespace, `default`) apply.
-            namespace: None,
-            service_account: None,
+        .map(|c| {
+            // The identity goes with the endpoint only when the tunnel can
+            // reach it (or it is local); otherwise it is outside the mesh
+            // for this node, and reached directly.
+            let reachable = c
+                .node
+                .as_deref()
+                .is_some_and(|n| n == local.node || local.nodes.contains_key(n));
+            let identity = c
+                .pod
+                .filter(|p| reachable && in_mesh(objects, p))
+                .map(|p| (p.namespace.clone(), p.service_account().to_owned()));
+            RawEndpoint {
+                address: Some(c.ip),
+                hostname: None,
+                port: c.port,
+                weight: 1,
+                region: region_of(&c.node),
+                mesh: Some(identity.is_some()),
+                namespace: identity.as_ref().map(|(ns, _)| ns.clone()),
+                service_account: identity.map(|(_, sa)| sa),
+                node: c.node,
+                zone: c.zone.filter(|z| !z.trim().is_empty()),
+            }
         })
         .collect()
 }
@@ -399,7 +573,7 @@ fn service_ports(objects: &Objects, svc: &Service) -> Vec<(String, RawPort)> {
         .collect()
 }
 
-fn raw_service(objects: &Objects, svc: &Service, local_zone: Option<&str>) -> Option<RawService> {
+fn raw_service(objects: &Objects, svc: &Service, local: &Local<'_>) -> Option<RawService> {
     let spec = svc.spec.as_ref()?;
     if spec.type_.as_deref() == Some("ExternalName") {
         return None;
@@ -444,9 +618,9 @@ fn raw_service(objects: &Objects, svc: &Service, local_zone: Option<&str>) -> Op
             }
         }
     }
-    let backend_sets = route_sets(objects, &ns, &name, local_zone);
+    let backend_sets = route_sets(objects, &ns, &name, local);
     let endpoints = if backend_sets.is_empty() {
-        endpoints_of(objects, &ns, &name, local_zone, None)
+        endpoints_of(objects, &ns, &name, local, None)
     } else {
         Vec::new()
     };
@@ -467,12 +641,7 @@ fn raw_service(objects: &Objects, svc: &Service, local_zone: Option<&str>) -> Op
 /// Backend sets from the first TCPRoute (by namespace/name) whose parentRef
 /// is this Service. Backends are Services of the route's namespace; each
 /// becomes a set named after it, weighted by its `weight`.
-fn route_sets(
-    objects: &Objects,
-    ns: &str,
-    name: &str,
-    local_zone: Option<&str>,
-) -> Vec<RawBackendSet> {
+fn route_sets(objects: &Objects, ns: &str, name: &str, local: &Local<'_>) -> Vec<RawBackendSet> {
     for (rk, route) in &objects.routes {
         let rns = route.metadata.namespace.as_deref().unwrap_or("default");
         let parent = route.spec.parent_refs.iter().any(|p| {
@@ -510,7 +679,7 @@ fn route_sets(
             sets.push(RawBackendSet {
                 name: b.name.clone(),
                 weight: u32::try_from(weight).unwrap_or(1).min(1_000_000),
-                endpoints: endpoints_of(objects, bns, &b.name, local_zone, port_name.as_deref()),
+                endpoints: endpoints_of(objects, bns, &b.name, local, port_name.as_deref()),
             });
         }
         if !sets.is_empty() {
@@ -520,36 +689,23 @@ fn route_sets(
     Vec::new()
 }
 
-/// The cgroups of the enrolled pods on this node, and their identities.
-fn enrollment(objects: &Objects, cx: &Context<'_>) -> (BTreeSet<String>, BTreeMap<IpAddr, String>) {
+/// The cgroups of the enrolled pods on this node, and their workload
+/// entries (one per pod address, by address).
+fn enrollment(objects: &Objects, cx: &Context<'_>) -> (BTreeSet<String>, Vec<Workload>) {
     let mut cgroups = BTreeSet::new();
-    let mut identities = BTreeMap::new();
+    let mut workloads = BTreeMap::new();
     for (k, pod) in &objects.pods {
-        let Some(ns) = pod.metadata.namespace.as_deref() else {
-            continue;
-        };
-        let enrolled_ns = objects
-            .namespaces
-            .get(ns)
-            .is_some_and(|n| label(&n.metadata, MESH_LABEL) == Some(MESH_ENABLED));
-        if !enrolled_ns || annotation(&pod.metadata, CAPTURE_ANNOTATION) == Some("disabled") {
+        if pod.node.as_deref() != Some(cx.node_name) || pod.finished {
             continue;
         }
-        let Some(spec) = &pod.spec else { continue };
-        if spec.node_name.as_deref() != Some(cx.node_name) || spec.host_network == Some(true) {
+        if !wants_mesh(objects, pod) {
             continue;
         }
-        let status = pod.status.as_ref();
-        if matches!(
-            status.and_then(|s| s.phase.as_deref()),
-            Some("Succeeded") | Some("Failed")
-        ) {
+        if !has_identity(pod) {
+            tracing::warn!(pod = %k, service_account = pod.service_account(), "service account is not a DNS label, so it cannot be a workload identity; pod not enrolled");
             continue;
         }
-        let (Some(uid), Some(qos)) = (
-            pod.metadata.uid.as_deref(),
-            status.and_then(|s| s.qos_class.as_deref()),
-        ) else {
+        let (Some(uid), Some(qos)) = (pod.uid.as_deref(), pod.qos_class.as_deref()) else {
             tracing::debug!(pod = %k, "pod without uid or QoS class yet; not enrolled");
             continue;
         };
@@ -562,19 +718,18 @@ fn enrollment(objects: &Objects, cx: &Context<'_>) -> (BTreeSet<String>, BTreeMa
                 continue;
             }
         }
-        let sa = spec.service_account_name.as_deref().unwrap_or("default");
-        let id = format!("spiffe://{}/ns/{ns}/sa/{sa}", cx.trust_domain);
-        for ip in status
-            .and_then(|s| s.pod_ips.as_ref())
-            .into_iter()
-            .flatten()
-        {
-            if let Ok(a) = ip.ip.parse::<IpAddr>() {
-                identities.insert(a, id.clone());
-            }
+        for ip in &pod.ips {
+            workloads.insert(
+                *ip,
+                Workload {
+                    address: *ip,
+                    namespace: pod.namespace.clone(),
+                    service_account: pod.service_account().to_owned(),
+                },
+            );
         }
     }
-    (cgroups, identities)
+    (cgroups, workloads.into_values().collect())
 }
 
 /// The kubelet's cgroup for a pod, relative to the cgroup2 mount:

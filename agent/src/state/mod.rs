@@ -161,8 +161,9 @@ impl Snapshot {
                     .map(|id| (w.address, id))
             })
             .collect();
-        // An endpoint is tunnelled when its node is another node whose HBONE
-        // address we know; endpoints on unknown nodes are reached directly.
+        // An endpoint is tunnelled when it is a mesh pod and its node is
+        // another node whose HBONE address we know; endpoints outside the
+        // mesh or on unknown nodes are reached directly.
         let mut routes = HashMap::new();
         for s in &config.services {
             for set in &s.sets {
@@ -170,7 +171,7 @@ impl Snapshot {
                     let (EndpointTarget::Ip(ip), Some(node)) = (&e.target, &e.locality.node) else {
                         continue;
                     };
-                    if *node == config.node_name {
+                    if *node == config.node_name || !e.mesh {
                         continue;
                     }
                     let (Some(node_addr), Ok(identity)) = (
@@ -345,6 +346,7 @@ services:
       - { address: 10.77.2.11, node: node-b, service_account: web }
       - { address: 10.77.1.11, node: node-a }
       - { address: 10.77.3.11, node: node-c }
+      - { address: 10.77.2.12, node: node-b, mesh: false }
       - { address: 192.0.2.1 }
 "#,
             "test",
@@ -357,9 +359,10 @@ services:
         assert_eq!(r.node, "node-b");
         assert_eq!(r.node_addr, "10.77.0.2:15008".parse().unwrap());
         assert_eq!(r.identity.uri(), "spiffe://cluster.local/ns/shop/sa/web");
-        // This node's pod, a node without a tunnel address (locality only)
-        // and a non-mesh address are reached directly.
-        for direct in ["10.77.1.11", "10.77.3.11", "192.0.2.1"] {
+        // This node's pod, a node without a tunnel address (locality only),
+        // a pod outside the mesh on a tunnelled node and a non-mesh address
+        // are reached directly.
+        for direct in ["10.77.1.11", "10.77.3.11", "10.77.2.12", "192.0.2.1"] {
             assert!(snap.route(direct.parse().unwrap()).is_none(), "{direct}");
         }
         let id = snap.workload("::ffff:10.77.1.10".parse().unwrap()).unwrap();
