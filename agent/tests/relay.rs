@@ -109,7 +109,7 @@ async fn harness(kind: Kind) -> (TcpStream, TcpStream, Relay) {
         let (client_side, _) = proxy_listener.accept().await.unwrap();
         let endpoint_side = TcpStream::connect(endpoint_addr).await.unwrap();
         match kind {
-            Kind::Tunnel => tunnel_pair(client_side, endpoint_side, &*obs).await,
+            Kind::Tunnel => tunnel_pair(client_side, endpoint_side, &obs).await,
             Kind::Lean(mode) => lean::relay(client_side, endpoint_side, &*obs, mode).await,
         }
     });
