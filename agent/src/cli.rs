@@ -47,6 +47,47 @@ pub enum Command {
     },
     /// Print the version and whether the eBPF object is embedded.
     Version,
+    /// The mesh's certificate authority.
+    #[command(subcommand)]
+    Ca(CaCommand),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum CaCommand {
+    /// Create a CA (a self-signed ECDSA P-256 certificate, ten years, and
+    /// its PKCS#8 key) in DIR as `ca.pem` and `ca-key.pem` (mode 0600), for
+    /// the Secret every node's Ferry reads (README "Kubernetes"). Refuses to
+    /// overwrite existing files.
+    Init {
+        /// The directory to write into (created if missing).
+        #[arg(long)]
+        out: PathBuf,
+        /// Named in the certificate's subject; identities are
+        /// spiffe://<trust domain>/ns/<ns>/sa/<sa> whatever it says.
+        #[arg(long, default_value = "cluster.local")]
+        trust_domain: String,
+    },
+}
+
+/// Writes a new CA's files; refuses to overwrite.
+fn ca_init(out: &std::path::Path, trust_domain: &str) -> Result<(), String> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let ca = crate::tls::LocalCa::generate(trust_domain).map_err(|e| e.to_string())?;
+    let (cert, key) = ca.to_pem();
+    std::fs::create_dir_all(out).map_err(|e| format!("{}: {e}", out.display()))?;
+    for (name, text, mode) in [("ca-key.pem", key, 0o600), ("ca.pem", cert, 0o644)] {
+        let path = out.join(name);
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(mode)
+            .open(&path)
+            .map_err(|e| format!("{}: {e}", path.display()))?;
+        f.write_all(text.as_bytes())
+            .map_err(|e| format!("{}: {e}", path.display()))?;
+    }
+    Ok(())
 }
 
 /// Values that replace the file's (the DaemonSet sets them from the
@@ -145,6 +186,20 @@ pub fn main() -> ExitCode {
             );
             ExitCode::SUCCESS
         }
+        Command::Ca(CaCommand::Init { out, trust_domain }) => match ca_init(&out, &trust_domain) {
+            Ok(()) => {
+                println!(
+                    "wrote {}/ca.pem and {}/ca-key.pem",
+                    out.display(),
+                    out.display()
+                );
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("error: {e}");
+                ExitCode::from(2)
+            }
+        },
         Command::Check { config, overrides } => match load_with(&config, &overrides.overrides()) {
             Ok((c, _)) => {
                 println!(
@@ -207,5 +262,29 @@ pub fn main() -> ExitCode {
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::os::unix::fs::PermissionsExt;
+
+    #[test]
+    fn ca_init_writes_a_loadable_ca_and_never_overwrites() {
+        let dir = tempfile::tempdir().unwrap();
+        let out = dir.path().join("ca");
+        super::ca_init(&out, "cluster.local").unwrap();
+        let cert = std::fs::read_to_string(out.join("ca.pem")).unwrap();
+        let key = std::fs::read_to_string(out.join("ca-key.pem")).unwrap();
+        let mode = |f: &str| std::fs::metadata(out.join(f)).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode("ca-key.pem"), 0o600);
+        assert_eq!(mode("ca.pem"), 0o644);
+        crate::tls::LocalCa::from_pem("cluster.local", &cert, &key).expect("the agent loads it");
+        let again = super::ca_init(&out, "cluster.local").unwrap_err();
+        assert!(again.contains("exists"), "{again}");
+        assert_eq!(
+            std::fs::read_to_string(out.join("ca-key.pem")).unwrap(),
+            key
+        );
     }
 }

@@ -266,6 +266,40 @@ fn manifests_say_what_the_readme_promises() -> Result<()> {
         .map_err(|v| anyhow::anyhow!("ConfigMap settings invalid: {v:?}"))?;
     assert_eq!(cfg.source, ferry::config::Source::Kubernetes);
     assert_eq!(cfg.node_name, "node-a");
+
+    // Every node signs and verifies with the one CA of the Secret `ferry-ca`:
+    // the files the settings name are the Secret's keys where the DaemonSet
+    // mounts it (read-only, key readable by the agent only).
+    let ferry::config::CaSource::Files { cert, key } = &cfg.tls.ca else {
+        panic!(
+            "the ConfigMap must name the shared CA's files, not {:?}",
+            cfg.tls.ca
+        );
+    };
+    let ds = find(&docs, "DaemonSet");
+    let spec = &ds["spec"]["template"]["spec"];
+    let volume = spec["volumes"]
+        .as_sequence()
+        .expect("volumes")
+        .iter()
+        .find(|v| v["secret"]["secretName"].as_str() == Some("ferry-ca"))
+        .expect("a volume of the Secret ferry-ca");
+    assert_eq!(volume["secret"]["defaultMode"].as_u64(), Some(0o400));
+    assert!(volume["secret"]["optional"].is_null(), "the CA is required");
+    let mount = spec["containers"][0]["volumeMounts"]
+        .as_sequence()
+        .expect("volumeMounts")
+        .iter()
+        .find(|m| m["name"] == volume["name"])
+        .expect("the CA volume is mounted");
+    assert_eq!(mount["readOnly"].as_bool(), Some(true));
+    let dir = std::path::Path::new(mount["mountPath"].as_str().expect("mountPath"));
+    assert_eq!(
+        cert.as_path(),
+        dir.join("tls.crt"),
+        "kubectl create secret tls keys"
+    );
+    assert_eq!(key.as_path(), dir.join("tls.key"));
     Ok(())
 }
 

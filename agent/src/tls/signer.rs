@@ -122,8 +122,8 @@ impl LocalCa {
         })
     }
 
-    /// The CA certificate and key as PEM, for writing a test topology's CA
-    /// files. Ferry itself never calls this.
+    /// The CA certificate and key as PEM (`ferry ca init`, test
+    /// topologies). The agent never writes a key.
     pub fn to_pem(&self) -> (String, String) {
         let cert = pem_block("CERTIFICATE", &self.cert);
         (cert, self.issuer.key().serialize_pem())
