@@ -20,7 +20,7 @@ use std::io;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::task::{Context, Poll, ready};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
 use h2::{Reason, RecvStream, SendStream};
@@ -135,10 +135,17 @@ pub enum TcpRole {
 /// below).
 const READ_CHUNK: usize = 64 * 1024;
 
-/// Socket → tunnel. Waits for the socket to be readable before taking a
-/// buffer (an idle connection holds none), reads straight into the buffer
-/// that becomes the DATA payload (no copy in Ferry), and does not read again
-/// until HTTP/2 flow control has taken all of it.
+/// How long a read buffer is kept after the socket ran dry: long enough to
+/// serve the next message of a busy connection from the same allocation,
+/// short enough that an idle connection holds none.
+const KEEP_BUFFER: Duration = Duration::from_millis(5);
+
+/// Socket → tunnel. Reads straight into the buffer that becomes the DATA
+/// payload (no copy in Ferry) and does not read again until HTTP/2 flow
+/// control has taken all of it. The buffer is reused from one read to the
+/// next once the tunnel has sent what it held (a 64 KiB allocation per read
+/// would make the allocator hand pages back and fault them in again), and
+/// dropped when the socket has been quiet for [`KEEP_BUFFER`].
 async fn socket_to_tunnel(
     from: &TcpStream,
     send: &mut SendStream<Bytes>,
@@ -146,9 +153,21 @@ async fn socket_to_tunnel(
     count: &mut u64,
     on_bytes: &(dyn Fn(u64) + Send + Sync),
 ) -> Result<(), PumpError> {
+    let mut spare: Option<BytesMut> = None;
     loop {
-        from.readable().await.map_err(PumpError::Read)?;
-        let mut buf = BytesMut::with_capacity(READ_CHUNK);
+        if spare.is_some() {
+            if tokio::time::timeout(KEEP_BUFFER, from.readable())
+                .await
+                .is_err()
+            {
+                spare = None;
+            }
+        }
+        if spare.is_none() {
+            from.readable().await.map_err(PumpError::Read)?;
+        }
+        let mut buf = spare.take().unwrap_or_default();
+        buf.reserve(READ_CHUNK);
         match from.try_read_buf(&mut buf) {
             Ok(0) => {
                 *ended = true;
@@ -157,7 +176,8 @@ async fn socket_to_tunnel(
                     .map_err(|e| PumpError::Write(h2_io(e)));
             }
             Ok(n) => {
-                let mut data = buf.freeze();
+                let mut data = buf.split().freeze();
+                spare = Some(buf);
                 while !data.is_empty() {
                     send.reserve_capacity(data.len());
                     let granted = poll_fn(|cx| poll_granted(send, cx))
@@ -170,7 +190,7 @@ async fn socket_to_tunnel(
                 *count += n as u64;
                 on_bytes(n as u64);
             }
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => spare = Some(buf),
             Err(e) => return Err(PumpError::Read(e)),
         }
     }
