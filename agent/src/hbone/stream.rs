@@ -242,7 +242,7 @@ async fn tunnel_to_socket(
 
 /// Relays between a TCP socket and a tunnel stream until both directions are
 /// finished or one side resets; when `abort` completes first both sides are
-/// reset. Same contract as [`crate::proxy::relay::relay_until`]: a FIN is
+/// reset. The TCP semantics of [`crate::proxy::relay`] hold: a FIN is
 /// END_STREAM, a reset is RST_STREAM, half-close keeps the other direction
 /// flowing.
 pub async fn relay_until(

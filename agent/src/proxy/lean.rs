@@ -326,7 +326,8 @@ async fn pump(
 }
 
 /// Relays until both directions are finished or one side resets; consumes
-/// both streams. Same contract as [`super::relay::relay`].
+/// both streams. The TCP semantics are those of [`super::relay`]'s module
+/// documentation.
 pub async fn relay(
     client: TcpStream,
     endpoint: TcpStream,
@@ -337,8 +338,7 @@ pub async fn relay(
 }
 
 /// [`relay`], but when `abort` completes first, both sides are reset and the
-/// relay ends with [`Ending::Aborted`]. Same contract as
-/// [`super::relay::relay_until`].
+/// relay ends with [`Ending::Aborted`].
 pub async fn relay_until(
     client: TcpStream,
     endpoint: TcpStream,
