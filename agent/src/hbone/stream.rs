@@ -155,13 +155,12 @@ async fn socket_to_tunnel(
 ) -> Result<(), PumpError> {
     let mut spare: Option<BytesMut> = None;
     loop {
-        if spare.is_some() {
-            if tokio::time::timeout(KEEP_BUFFER, from.readable())
+        if spare.is_some()
+            && tokio::time::timeout(KEEP_BUFFER, from.readable())
                 .await
                 .is_err()
-            {
-                spare = None;
-            }
+        {
+            spare = None;
         }
         if spare.is_none() {
             from.readable().await.map_err(PumpError::Read)?;
