@@ -363,12 +363,7 @@ pub async fn run_with(
                 if let Err(e) = tls.store().sync(&state.load().workload_identities()).await {
                     error!(error = %e, "issuing certificates for new workloads failed");
                 }
-                if let Some(rules) = &strict {
-                    let pods: Vec<_> = state.load().workload_addresses().collect();
-                    if let Err(e) = rules.update(&pods, current.capture.bypass_mark) {
-                        error!(error = %e, "updating the STRICT rules failed");
-                    }
-                }
+                update_strict(strict.as_deref(), &state.load(), current.capture.bypass_mark);
                 info!(
                     services = new.services.len(),
                     workloads = new.workloads.len(),
@@ -420,12 +415,7 @@ pub async fn run_with(
                             error!(error = %e, "reload: TLS settings rejected; keeping the running configuration");
                             continue;
                         }
-                        if let Some(rules) = &strict {
-                            let pods: Vec<_> = snapshot.workload_addresses().collect();
-                            if let Err(e) = rules.update(&pods, current.capture.bypass_mark) {
-                                error!(error = %e, "reload: updating the STRICT rules failed");
-                            }
-                        }
+                        update_strict(strict.as_deref(), &snapshot, current.capture.bypass_mark);
                         start_snapshot_tasks(&snapshot, mark, &new.dns, &dns);
                         // The old snapshot lives on while connections hold
                         // it, but its background work (health checks) stops
@@ -474,6 +464,17 @@ pub async fn run_with(
     drop(strict);
     info!("drained; capture detached; bye");
     Ok(())
+}
+
+/// Points STRICT mode's kernel rule (when it is on) at the snapshot's local
+/// mesh pods; a failure is logged and the previous rule stays in force.
+fn update_strict(strict: Option<&StrictRules>, snapshot: &Snapshot, mark: u32) {
+    if let Some(rules) = strict {
+        let pods: Vec<_> = snapshot.workload_addresses().collect();
+        if let Err(e) = rules.update(&pods, mark) {
+            error!(error = %e, "updating the STRICT rules failed");
+        }
+    }
 }
 
 /// Puts what the cluster says into a configuration: services, this node's
