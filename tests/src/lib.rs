@@ -12,9 +12,10 @@
 //!
 //! [`Topology::add_second_node`] adds node B: its own namespace, bridge
 //! `10.77.2.1/24` (`fd77:2::1/64`, pods `10.77.2.N`) and cgroups, joined to
-//! node A by a veth pair (`n2` in A with `10.77.0.1/24`, `n1` in B with
-//! `10.77.0.2/24`), with routes to each other's pod subnet and forwarding
-//! on, like two machines on one L2 segment.
+//! node A by a veth pair (`n2` in A with `10.77.0.1/24` and `fd77::1/64`,
+//! `n1` in B with `10.77.0.2/24` and `fd77::2/64`), with routes to each
+//! other's pod subnets (both families) and forwarding on, like two
+//! dual-stack machines on one L2 segment.
 
 use std::fmt::Write as _;
 use std::io::{Read, Write};
@@ -41,6 +42,10 @@ pub const LINK_A: Ipv4Addr = Ipv4Addr::new(10, 77, 0, 1);
 pub const LINK_B: Ipv4Addr = Ipv4Addr::new(10, 77, 0, 2);
 /// Node A's end of the node-to-node link (in node A's namespace).
 pub const LINK_IFACE_A: &str = "n2";
+/// Node A's IPv6 address on the node-to-node link.
+pub const LINK_A_V6: Ipv6Addr = Ipv6Addr::new(0xfd77, 0, 0, 0, 0, 0, 0, 1);
+/// Node B's IPv6 address on the node-to-node link.
+pub const LINK_B_V6: Ipv6Addr = Ipv6Addr::new(0xfd77, 0, 0, 0, 0, 0, 0, 2);
 
 /// Why a root test cannot run here, or `None` when it can.
 pub fn root_unavailable() -> Option<String> {
@@ -384,6 +389,12 @@ impl Topology {
             "ip",
             &["-n", &b, "addr", "add", "10.77.0.2/24", "dev", "n1"],
         )?;
+        for (ns, dev, addr) in [
+            (&a, LINK_IFACE_A, format!("{LINK_A_V6}/64")),
+            (&b, "n1", format!("{LINK_B_V6}/64")),
+        ] {
+            run("ip", &["-n", ns, "addr", "add", &addr, "dev", dev, "nodad"])?;
+        }
         run("ip", &["-n", &a, "link", "set", LINK_IFACE_A, "up"])?;
         run("ip", &["-n", &b, "link", "set", "n1", "up"])?;
         run(
@@ -394,8 +405,20 @@ impl Topology {
             "ip",
             &["-n", &b, "route", "add", "10.77.1.0/24", "via", "10.77.0.1"],
         )?;
+        let (a6, b6) = (LINK_A_V6.to_string(), LINK_B_V6.to_string());
+        run(
+            "ip",
+            &["-n", &a, "-6", "route", "add", "fd77:2::/64", "via", &b6],
+        )?;
+        run(
+            "ip",
+            &["-n", &b, "-6", "route", "add", "fd77:1::/64", "via", &a6],
+        )?;
         for ns in [&a, &b] {
-            sysctl(ns, &["net.ipv4.ip_forward=1"])?;
+            sysctl(
+                ns,
+                &["net.ipv4.ip_forward=1", "net.ipv6.conf.all.forwarding=1"],
+            )?;
         }
         let nb = NodeB {
             netns,

@@ -15,7 +15,8 @@ use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
 use ferry_tests::{
-    Group, LINK_B, LinkCapture, Topology, count_ids, marker, metric_value, root_test_can_run, which,
+    Group, LINK_A_V6, LINK_B, LINK_B_V6, LinkCapture, Topology, count_ids, marker, metric_value,
+    root_test_can_run, which,
 };
 
 fn curl(t: &Topology, netns: &str, group: Group, args: &[&str]) -> Result<String> {
@@ -256,6 +257,113 @@ authorization:
             .contains("src=spiffe://cluster.local/ns/other/sa/intruder reason=\"no_allow_rule\""),
         "the denial is logged with the source identity"
     );
+    Ok(())
+}
+
+/// IPv6 end to end: an IPv6 service whose endpoints are IPv6 pods on node B,
+/// node B reached at its IPv6 link address, STRICT on node B for its pods'
+/// IPv6 addresses.
+#[test]
+fn ipv6_pods_reach_pods_on_another_node_through_an_ipv6_tunnel() -> Result<()> {
+    if !root_test_can_run("ipv6_pods_reach_pods_on_another_node_through_an_ipv6_tunnel") {
+        return Ok(());
+    }
+    let mut t = Topology::new("hb6")?;
+    let node_b = t.add_second_node()?;
+    let client = t.add_pod("cli", 10)?;
+    let b1 = t.add_pod_b("rv1", 11)?;
+    let b2 = t.add_pod_b("rv2", 12)?;
+    t.start_server(&b1, 8080, "rv1", &[])?;
+    t.start_server(&b2, 8080, "rv2", &[])?;
+    let tls = t.cluster_ca("1h")?;
+    let services = format!(
+        "  - name: reviews
+    namespace: shop
+    addresses: [\"fd96::60\"]
+    ports: [{{ port: 80, target_port: 8080 }}]
+    balancing: {{ algorithm: round_robin }}
+    endpoints:
+      - {{ address: \"{}\", node: node-b, service_account: reviews }}
+      - {{ address: \"{}\", node: node-b, service_account: reviews }}
+",
+        b1.v6, b2.v6
+    );
+    let cfg_a = format!(
+        "{}workloads: [{{ address: \"{}\", namespace: shop, service_account: productpage }}]\n\
+         nodes: {{ node-b: \"[{LINK_B_V6}]:15008\" }}\n{tls}",
+        t.ferry_config(&services),
+        client.v6
+    );
+    let cfg_b = format!(
+        "node: {{ name: node-b }}
+capture: {{ enabled: false }}
+workloads:
+  - {{ address: \"{}\", namespace: shop, service_account: reviews }}
+  - {{ address: \"{}\", namespace: shop, service_account: reviews }}
+authorization:
+  mode: STRICT
+  rules:
+    - {{ action: allow, identity_prefixes: [\"spiffe://cluster.local/ns/shop/\"], ports: [8080] }}
+{tls}",
+        b1.v6, b2.v6
+    );
+    let ferry_b = t.start_ferry_in(&node_b.netns, "ferry-b", &cfg_b)?;
+    let ferry_a = t.start_ferry("ferry-a", &cfg_a)?;
+
+    let out = curl(
+        &t,
+        &client.netns,
+        Group::Enrolled,
+        &["http://[fd96::60]/[1-20]"],
+    )?;
+    let ids = count_ids(&out);
+    assert_eq!(
+        (ids.get("rv1"), ids.get("rv2")),
+        (Some(&10), Some(&10)),
+        "every request answered, split evenly: {out}"
+    );
+    // Node B's pods see Ferry B at node B's IPv6 bridge address.
+    assert!(
+        out.lines().all(|l| l.contains("peer=[fd77:2::1]:")),
+        "{out}"
+    );
+    assert_eq!(
+        ferry_a.metric(r#"ferry_hbone_streams_total{direction="outbound"}"#)?,
+        20.0
+    );
+    assert_eq!(
+        ferry_b.metric(r#"ferry_hbone_streams_total{direction="inbound"}"#)?,
+        20.0
+    );
+    // The pooled tunnel connection is IPv6 between the link addresses.
+    let ss = ferry_tests::run(
+        "ip",
+        &[
+            "netns",
+            "exec",
+            &node_b.netns,
+            "ss",
+            "-Htn",
+            "state",
+            "established",
+            "sport",
+            "= :15008",
+        ],
+    )?;
+    assert!(
+        ss.contains(&format!("[{LINK_B_V6}]:15008")) && ss.contains(&format!("[{LINK_A_V6}]:")),
+        "tunnel connection over IPv6: {ss}"
+    );
+    // STRICT covers the pods' IPv6 addresses: plaintext from a process on
+    // node A that Ferry does not capture is refused.
+    let code = curl_fails(
+        &t,
+        &client.netns,
+        Group::Other,
+        &format!("http://[{}]:8080/", b1.v6),
+    )?;
+    assert_eq!(code, 7, "refused (curl: couldn't connect), not timed out");
+    assert!(ferry_b.metric("ferry_strict_refused_total")? >= 1.0);
     Ok(())
 }
 
