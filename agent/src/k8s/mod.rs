@@ -23,8 +23,10 @@
 //! watch decodes [`pod::PodObject`] (metadata and the handful of spec and
 //! status fields read; serde skips the rest) and the cache keeps only its
 //! [`pod::PodInfo`] (namespace, uid, node, service account, addresses, QoS
-//! class and three flags).
+//! class and three flags). Nodes likewise: [`node::NodeObject`] is decoded
+//! and [`node::NodeInfo`] (tunnel address, zone, region) is kept.
 
+pub mod node;
 pub mod pod;
 pub mod tcproute;
 pub mod translate;
@@ -35,7 +37,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use futures_util::StreamExt;
-use k8s_openapi::api::core::v1::{Namespace, Node, Service};
+use k8s_openapi::api::core::v1::{Namespace, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use kube::Api;
 use kube::runtime::utils::StreamBackoff;
@@ -226,7 +228,7 @@ pub fn spawn(
         |o| &mut o.pods,
     );
     w.start(
-        Api::<Node>::all(client.clone()),
+        Api::<node::NodeObject>::all(client.clone()),
         watcher::Config::default(),
         Resource::Nodes,
         |o| &mut o.nodes,

@@ -24,11 +24,12 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::{IpAddr, SocketAddr};
 
-use k8s_openapi::api::core::v1::{Namespace, Node, Service};
+use k8s_openapi::api::core::v1::{Namespace, Service};
 use k8s_openapi::api::discovery::v1::{Endpoint as SliceEndpoint, EndpointSlice};
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use kube::ResourceExt;
 
+use super::node::{NodeInfo, NodeObject};
 use super::pod::{PodInfo, PodObject};
 use super::tcproute::TcpRoute;
 use crate::config::{
@@ -47,8 +48,6 @@ pub const CAPTURE_ANNOTATION: &str = "ferry.io/capture";
 /// (`p2c_peak_ewma`, `least_connections`, `round_robin`, `random`).
 pub const BALANCING_ANNOTATION: &str = "ferry.io/balancing";
 const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
-const ZONE_LABEL: &str = "topology.kubernetes.io/zone";
-const REGION_LABEL: &str = "topology.kubernetes.io/region";
 
 /// The cluster objects the source watches, by `namespace/name` (cluster-
 /// scoped objects by name).
@@ -58,7 +57,8 @@ pub struct Objects {
     pub slices: BTreeMap<String, EndpointSlice>,
     /// Every pod of the cluster, reduced to what Ferry reads.
     pub pods: BTreeMap<String, PodInfo>,
-    pub nodes: BTreeMap<String, Node>,
+    /// Every node of the cluster, reduced to its address and locality.
+    pub nodes: BTreeMap<String, NodeInfo>,
     pub namespaces: BTreeMap<String, Namespace>,
     pub routes: BTreeMap<String, TcpRoute>,
 }
@@ -138,7 +138,7 @@ impl Objects {
             "Service" => put::<Service, _>(&mut self.services, &kind, v, add),
             "EndpointSlice" => put::<EndpointSlice, _>(&mut self.slices, &kind, v, add),
             "Pod" => put::<PodObject, _>(&mut self.pods, &kind, v, add),
-            "Node" => put::<Node, _>(&mut self.nodes, &kind, v, add),
+            "Node" => put::<NodeObject, _>(&mut self.nodes, &kind, v, add),
             "Namespace" => put::<Namespace, _>(&mut self.namespaces, &kind, v, add),
             "TCPRoute" => put::<TcpRoute, _>(&mut self.routes, &kind, v, add),
             _ => Err(ObjectError::UnknownKind(kind)),
@@ -204,8 +204,8 @@ fn annotation<'a>(meta: &'a kube::api::ObjectMeta, name: &str) -> Option<&'a str
 /// Translates the whole cache.
 pub fn translate(objects: &Objects, cx: &Context<'_>) -> Translated {
     let this_node = objects.nodes.get(cx.node_name);
-    let zone = this_node.and_then(|n| label(&n.metadata, ZONE_LABEL).map(str::to_owned));
-    let region = this_node.and_then(|n| label(&n.metadata, REGION_LABEL).map(str::to_owned));
+    let zone = this_node.and_then(|n| n.zone.clone());
+    let region = this_node.and_then(|n| n.region.clone());
     let port = cx
         .settings
         .listeners
@@ -268,30 +268,8 @@ fn node_addresses(objects: &Objects, port: u16) -> BTreeMap<String, SocketAddr> 
         // A node name that is not a DNS name cannot be configured (the
         // file source would reject it); such a node is simply not tunnelled to.
         .filter(|(name, _)| name.split('.').all(valid_label))
-        .filter_map(|(name, n)| Some((name.clone(), SocketAddr::new(node_address(n)?, port))))
+        .filter_map(|(name, n)| Some((name.clone(), SocketAddr::new(n.address?, port))))
         .collect()
-}
-
-/// A node's address for the tunnel: `InternalIP` before `ExternalIP`, IPv4
-/// before IPv6, in the order listed otherwise.
-pub fn node_address(node: &Node) -> Option<IpAddr> {
-    let addresses = node.status.as_ref()?.addresses.as_ref()?;
-    addresses
-        .iter()
-        .filter_map(|a| {
-            let rank = match a.type_.as_str() {
-                "InternalIP" => 0,
-                "ExternalIP" => 2,
-                _ => return None,
-            };
-            let ip: IpAddr = a.address.trim().parse().ok()?;
-            if ip.is_unspecified() || ip.is_multicast() || ip.is_loopback() {
-                return None;
-            }
-            Some((rank + u8::from(ip.is_ipv6()), ip))
-        })
-        .min_by_key(|(rank, _)| *rank)
-        .map(|(_, ip)| ip)
 }
 
 /// Whether a pod asks to be in the mesh: its namespace is labelled, it did
@@ -423,7 +401,7 @@ fn endpoints_of(
             let zone = ep.zone.clone().or_else(|| {
                 node.as_ref()
                     .and_then(|n| objects.nodes.get(n))
-                    .and_then(|n| label(&n.metadata, ZONE_LABEL).map(str::to_owned))
+                    .and_then(|n| n.zone.clone())
             });
             let hints = ep
                 .hints
@@ -479,7 +457,7 @@ fn endpoints_of(
     let region_of = |node: &Option<String>| {
         node.as_ref()
             .and_then(|n| objects.nodes.get(n))
-            .and_then(|n| label(&n.metadata, REGION_LABEL).map(str::to_owned))
+            .and_then(|n| n.region.clone())
     };
     chosen
         .into_iter()
