@@ -14,18 +14,18 @@
 //!   per-thread pool when the source has data and goes back, empty, when the
 //!   source has none; only a connection whose sink is not taking data keeps
 //!   one (holding the bytes the kernel already moved, at most one pipe's
-//!   worth). Pipes are asked to hold [`SPLICE_CHUNK`] (1 MiB) instead of the
-//!   default 64 KiB, so one splice moves more per call. An empty pipe of any
-//!   size pins no payload pages: the pool costs only the kernel's slot
-//!   arrays (about 10 KiB per pipe). A kernel that will not splice these
-//!   sockets (`EINVAL`, `ENOSYS`, no pipe) makes that direction
+//!   worth). Up to [`LARGE_PIPES_MAX`] pipes at a time are enlarged to
+//!   [`SPLICE_CHUNK`] (1 MiB) so one splice moves more per call; the rest
+//!   keep the default 64 KiB (the kernel charges pipe capacity to the user,
+//!   root, whose other processes share the quota). A kernel that will not
+//!   splice these sockets (`EINVAL`, `ENOSYS`, no pipe) makes that direction
 //!   fall back to [`Mode::Copy`] before any byte has moved.
 
 use std::cell::RefCell;
 use std::io;
 use std::net::Shutdown;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 
 use tokio::io::Interest;
 use tokio::net::TcpStream;
@@ -59,6 +59,8 @@ impl Mode {
 }
 
 /// Directions that fell back from splice to copying, process-wide.
+/// Large pipes open now (at most [`LARGE_PIPES_MAX`]).
+static LARGE_PIPES: AtomicUsize = AtomicUsize::new(0);
 static FALLBACKS: AtomicU64 = AtomicU64::new(0);
 
 /// How many relay directions fell back from splice to copying since start.
@@ -68,11 +70,18 @@ pub fn splice_fallbacks() -> u64 {
 
 /// The per-thread scratch buffer for [`Mode::Copy`].
 const SCRATCH: usize = 64 * 1024;
-/// Bytes asked of one splice(2) call, and the capacity asked for each pipe
-/// (`F_SETPIPE_SZ`; 1 MiB is the default `fs.pipe-max-size`). Measured on the
-/// same-node path against the default 64 KiB pipe: about 15% more throughput
-/// and half the sender's retransmissions (fewer window stalls).
+/// Bytes asked of one splice(2) call, and the capacity asked for a large
+/// pipe (`F_SETPIPE_SZ`; 1 MiB is the default `fs.pipe-max-size`). Measured
+/// on the same-node path against the default 64 KiB pipe: about 15% more
+/// throughput and half the sender's retransmissions (fewer window stalls).
 const SPLICE_CHUNK: usize = 1024 * 1024;
+/// Most large pipes open at once, process-wide; beyond that new pipes keep
+/// the default 64 KiB. The kernel charges a pipe's capacity (not its
+/// contents) to its user, and Ferry runs as root: past
+/// `fs.pipe-user-pages-soft` (16,384 pages by default) every *other* root
+/// process without CAP_SYS_RESOURCE or CAP_SYS_ADMIN on the node would get
+/// 8 KiB pipes. 16 large pipes are 4,096 pages, a quarter of that.
+const LARGE_PIPES_MAX: usize = 16;
 /// Idle pipes kept per thread; beyond that they are closed.
 const POOL_MAX: usize = 32;
 
@@ -86,6 +95,16 @@ thread_local! {
 struct Pipe {
     read: OwnedFd,
     write: OwnedFd,
+    /// Enlarged to [`SPLICE_CHUNK`] (counted in [`LARGE_PIPES`]).
+    large: bool,
+}
+
+impl Drop for Pipe {
+    fn drop(&mut self) {
+        if self.large {
+            LARGE_PIPES.fetch_sub(1, Ordering::Relaxed);
+        }
+    }
 }
 
 impl Pipe {
@@ -100,19 +119,26 @@ impl Pipe {
         // SAFETY: pipe2 succeeded, so both descriptors are open and owned by
         // nothing else; each OwnedFd takes sole ownership of one.
         let (read, write) = unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
-        // A larger pipe is an optimisation only: if the kernel refuses it
-        // (a lower `fs.pipe-max-size`, or the user's pipe quota spent), the
-        // pipe keeps its default size and every splice just moves less.
-        // SAFETY: F_SETPIPE_SZ on a pipe descriptor this function owns, with
-        // the int argument it takes.
-        let _ = unsafe {
-            libc::fcntl(
-                write.as_raw_fd(),
-                libc::F_SETPIPE_SZ,
-                SPLICE_CHUNK as libc::c_int,
-            )
-        };
-        Ok(Pipe { read, write })
+        // A large pipe is an optimisation only: past the budget, or if the
+        // kernel refuses (a lower `fs.pipe-max-size`, the user's pipe quota
+        // spent), the pipe keeps its default size and each splice moves less.
+        let mut large = false;
+        if LARGE_PIPES.fetch_add(1, Ordering::Relaxed) < LARGE_PIPES_MAX {
+            // SAFETY: F_SETPIPE_SZ on a pipe descriptor this function owns,
+            // with the int argument it takes.
+            let r = unsafe {
+                libc::fcntl(
+                    write.as_raw_fd(),
+                    libc::F_SETPIPE_SZ,
+                    SPLICE_CHUNK as libc::c_int,
+                )
+            };
+            large = r >= 0;
+        }
+        if !large {
+            LARGE_PIPES.fetch_sub(1, Ordering::Relaxed);
+        }
+        Ok(Pipe { read, write, large })
     }
 
     /// An empty pipe from this thread's pool, or a new one.
@@ -396,21 +422,38 @@ pub async fn relay_until(
 mod tests {
     use super::*;
 
+    fn capacity(p: &Pipe) -> usize {
+        // SAFETY: F_GETPIPE_SZ on a pipe descriptor the test owns; no argument.
+        let size = unsafe { libc::fcntl(p.write.as_raw_fd(), libc::F_GETPIPE_SZ) };
+        assert!(size > 0, "F_GETPIPE_SZ: {}", io::Error::last_os_error());
+        size as usize
+    }
+
     #[test]
-    fn pipes_are_enlarged_up_to_the_system_maximum() {
+    fn at_most_the_budget_of_pipes_is_enlarged_and_the_budget_comes_back() {
+        // (The only test in this binary that opens pipes.)
         let max: usize = std::fs::read_to_string("/proc/sys/fs/pipe-max-size")
             .expect("read fs.pipe-max-size")
             .trim()
             .parse()
             .expect("fs.pipe-max-size is a number");
-        let pipe = Pipe::new().expect("pipe");
-        // SAFETY: F_GETPIPE_SZ on a pipe descriptor the test owns; no argument.
-        let size = unsafe { libc::fcntl(pipe.write.as_raw_fd(), libc::F_GETPIPE_SZ) };
-        assert!(
-            size > 0,
-            "F_GETPIPE_SZ failed: {}",
-            io::Error::last_os_error()
-        );
-        assert_eq!(size as usize, SPLICE_CHUNK.min(max).max(64 * 1024));
+        let pipes: Vec<Pipe> = (0..LARGE_PIPES_MAX + 3)
+            .map(|_| Pipe::new().expect("pipe"))
+            .collect();
+        let large = pipes.iter().filter(|p| p.large).count();
+        for p in &pipes {
+            let want = if p.large { SPLICE_CHUNK } else { 64 * 1024 };
+            assert_eq!(capacity(p), want, "large={}", p.large);
+        }
+        assert_eq!(LARGE_PIPES.load(Ordering::Relaxed), large);
+        if max >= SPLICE_CHUNK {
+            assert_eq!(large, LARGE_PIPES_MAX, "the first pipes are enlarged");
+        }
+        drop(pipes);
+        assert_eq!(LARGE_PIPES.load(Ordering::Relaxed), 0);
+        let again = Pipe::new().expect("pipe");
+        if max >= SPLICE_CHUNK {
+            assert!(again.large, "a closed large pipe frees its place");
+        }
     }
 }
