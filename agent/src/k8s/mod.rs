@@ -26,6 +26,37 @@
 //! class and three flags). Nodes likewise: [`node::NodeObject`] is decoded
 //! and [`node::NodeInfo`] (tunnel address, zone, region) is kept.
 
+/// `kube::Resource` for a partial object type (one that decodes only the
+/// fields Ferry reads), with a `metadata: ObjectMeta` field:
+/// `resource!(Type, Scope, group, version, kind, plural)`.
+macro_rules! resource {
+    ($ty:ty, $scope:ty, $group:literal, $version:literal, $kind:literal, $plural:literal) => {
+        impl kube::Resource for $ty {
+            type DynamicType = ();
+            type Scope = $scope;
+
+            fn kind(_: &()) -> std::borrow::Cow<'_, str> {
+                $kind.into()
+            }
+            fn group(_: &()) -> std::borrow::Cow<'_, str> {
+                $group.into()
+            }
+            fn version(_: &()) -> std::borrow::Cow<'_, str> {
+                $version.into()
+            }
+            fn plural(_: &()) -> std::borrow::Cow<'_, str> {
+                $plural.into()
+            }
+            fn meta(&self) -> &kube::api::ObjectMeta {
+                &self.metadata
+            }
+            fn meta_mut(&mut self) -> &mut kube::api::ObjectMeta {
+                &mut self.metadata
+            }
+        }
+    };
+}
+
 pub mod node;
 pub mod pod;
 pub mod tcproute;

@@ -9,7 +9,6 @@
 //! `status.addresses` only; serde skips the rest while parsing) and the
 //! cache keeps a [`NodeInfo`]: the chosen address and two labels.
 
-use std::borrow::Cow;
 use std::net::IpAddr;
 
 use k8s_openapi::ClusterResourceScope;
@@ -44,29 +43,7 @@ pub struct NodeAddress {
     pub address: String,
 }
 
-impl kube::Resource for NodeObject {
-    type DynamicType = ();
-    type Scope = ClusterResourceScope;
-
-    fn kind(_: &()) -> Cow<'_, str> {
-        "Node".into()
-    }
-    fn group(_: &()) -> Cow<'_, str> {
-        "".into()
-    }
-    fn version(_: &()) -> Cow<'_, str> {
-        "v1".into()
-    }
-    fn plural(_: &()) -> Cow<'_, str> {
-        "nodes".into()
-    }
-    fn meta(&self) -> &ObjectMeta {
-        &self.metadata
-    }
-    fn meta_mut(&mut self) -> &mut ObjectMeta {
-        &mut self.metadata
-    }
-}
+resource!(NodeObject, ClusterResourceScope, "", "v1", "Node", "nodes");
 
 /// What the cache keeps of a node.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]

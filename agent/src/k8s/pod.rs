@@ -9,7 +9,6 @@
 //! rest while parsing), and the cache keeps its [`PodInfo`] (a few dozen
 //! bytes of strings and addresses per pod).
 
-use std::borrow::Cow;
 use std::net::IpAddr;
 
 use k8s_openapi::NamespaceResourceScope;
@@ -66,29 +65,7 @@ fn pod_ips<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<IpAddr>, D::Error> {
         .collect())
 }
 
-impl kube::Resource for PodObject {
-    type DynamicType = ();
-    type Scope = NamespaceResourceScope;
-
-    fn kind(_: &()) -> Cow<'_, str> {
-        "Pod".into()
-    }
-    fn group(_: &()) -> Cow<'_, str> {
-        "".into()
-    }
-    fn version(_: &()) -> Cow<'_, str> {
-        "v1".into()
-    }
-    fn plural(_: &()) -> Cow<'_, str> {
-        "pods".into()
-    }
-    fn meta(&self) -> &ObjectMeta {
-        &self.metadata
-    }
-    fn meta_mut(&mut self) -> &mut ObjectMeta {
-        &mut self.metadata
-    }
-}
+resource!(PodObject, NamespaceResourceScope, "", "v1", "Pod", "pods");
 
 /// What the cache keeps of a pod.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]

@@ -3,8 +3,6 @@
 //! pattern) splits that Service's connections between backend Services by
 //! weight.
 
-use std::borrow::Cow;
-
 use k8s_openapi::NamespaceResourceScope;
 use kube::api::ObjectMeta;
 use serde::{Deserialize, Serialize};
@@ -18,29 +16,14 @@ pub struct TcpRoute {
     pub spec: TcpRouteSpec,
 }
 
-impl kube::Resource for TcpRoute {
-    type DynamicType = ();
-    type Scope = NamespaceResourceScope;
-
-    fn kind(_: &()) -> Cow<'_, str> {
-        "TCPRoute".into()
-    }
-    fn group(_: &()) -> Cow<'_, str> {
-        "gateway.networking.k8s.io".into()
-    }
-    fn version(_: &()) -> Cow<'_, str> {
-        "v1alpha2".into()
-    }
-    fn plural(_: &()) -> Cow<'_, str> {
-        "tcproutes".into()
-    }
-    fn meta(&self) -> &ObjectMeta {
-        &self.metadata
-    }
-    fn meta_mut(&mut self) -> &mut ObjectMeta {
-        &mut self.metadata
-    }
-}
+resource!(
+    TcpRoute,
+    NamespaceResourceScope,
+    "gateway.networking.k8s.io",
+    "v1alpha2",
+    "TCPRoute",
+    "tcproutes"
+);
 
 /// `TCPRoute.spec`.
 #[derive(Debug, Clone, Default, PartialEq, Deserialize, Serialize)]
