@@ -58,9 +58,9 @@ impl Mode {
     }
 }
 
-/// Directions that fell back from splice to copying, process-wide.
 /// Large pipes open now (at most [`LARGE_PIPES_MAX`]).
 static LARGE_PIPES: AtomicUsize = AtomicUsize::new(0);
+/// Directions that fell back from splice to copying, process-wide.
 static FALLBACKS: AtomicU64 = AtomicU64::new(0);
 
 /// How many relay directions fell back from splice to copying since start.
